@@ -1,0 +1,651 @@
+//! Configuration in layers, as River does it: the YAML file's sections (serde structs), then
+//! the environment overrides with the original deployment's names, then one validated
+//! [`Config`] that the rest of the program uses. Pingora's own server keys share the file and
+//! are parsed by Pingora; a key that neither knows is an error that names it.
+//!
+//! Validation never panics: every problem comes back as a [`ConfigError`] that names the key,
+//! the environment variable where there is one, and what to write instead.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::pool::Limits;
+
+/// The embedded default, also shipped as `conf/local.yaml`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../conf/local.yaml");
+
+/// The purpose a request without `purpose` is for: the original callers asked for RStudio.
+pub const DEFAULT_PURPOSE: &str = "rstudio";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Yaml(String),
+    #[error("`{key}`{env}: {problem}")]
+    Invalid {
+        key: &'static str,
+        env: String,
+        problem: String,
+    },
+    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, purposes) nor one of Pingora's server keys; fix the spelling or remove it")]
+    UnknownKey(String),
+}
+
+fn invalid(key: &'static str, env: Option<&str>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        env: env.map(|e| format!(" (env {e})")).unwrap_or_default(),
+        problem: problem.into(),
+    }
+}
+
+// ---- The file, as written ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FileConfig {
+    pool: PoolSection,
+    provider: ProviderSection,
+    api: ApiSection,
+    proxy: ProxySection,
+    purposes: BTreeMap<String, PurposeSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PoolSection {
+    name: String,
+    min_free_instances: usize,
+    max_instances: usize,
+    ready_timeout_seconds: u64,
+    reconcile_interval_ms: u64,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        Self {
+            name: "rstudio-pool".into(),
+            min_free_instances: 1,
+            max_instances: 10,
+            ready_timeout_seconds: 600,
+            reconcile_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ProviderSection {
+    kind: String,
+    state_dir: PathBuf,
+    ec2: Ec2Section,
+}
+
+impl Default for ProviderSection {
+    fn default() -> Self {
+        Self {
+            kind: "process".into(),
+            state_dir: PathBuf::from(".rstudio-pool/state"),
+            ec2: Ec2Section::default(),
+        }
+    }
+}
+
+/// The original deployment's EC2 settings, kept under their names.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ec2Section {
+    pub image_id: Option<String>,
+    pub image_type: Option<String>,
+    pub region: Option<String>,
+    pub account: Option<String>,
+    pub security_group: Option<String>,
+    pub instance_profile: Option<String>,
+    pub key_name: Option<String>,
+    pub subnet_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ApiSection {
+    listen: String,
+    token: Option<String>,
+    max_body_bytes: usize,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:3001".into(),
+            token: None,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ProxySection {
+    listen: String,
+    public_url: Option<String>,
+    default_url: Option<String>,
+    service_url: Option<String>,
+    route_to_replace: Option<String>,
+    string_to_replace: Option<String>,
+    timeout_instance_ms: u64,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            public_url: None,
+            default_url: None,
+            service_url: None,
+            route_to_replace: None,
+            string_to_replace: None,
+            timeout_instance_ms: 3_600_000,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PurposeSection {
+    command: Option<Vec<String>>,
+    port: Option<u16>,
+    strip_prefix: Option<bool>,
+    readiness_path: Option<String>,
+    keepalive_paths: Option<Vec<String>>,
+    min_free_instances: Option<usize>,
+    max_instances: Option<usize>,
+    timeout_instance_ms: Option<u64>,
+}
+
+// ---- The validated configuration ----
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub pool_name: String,
+    pub provider: ProviderConfig,
+    pub api: ApiConfig,
+    pub proxy: ProxyConfig,
+    pub purposes: BTreeMap<String, Purpose>,
+    pub ready_timeout: Duration,
+    pub reconcile_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Process { state_dir: PathBuf },
+    Ec2(Ec2Section),
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// The base URL users reach the proxy at, for the `url` of `REQUEST_RSTUDIO`.
+    pub public_url: String,
+    pub default_url: Option<String>,
+    pub route_to_replace: Option<String>,
+    pub string_to_replace: Option<String>,
+}
+
+/// One kind of workspace: how to start it, reach it, and tell its users' activity apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purpose {
+    pub name: String,
+    pub limits: Limits,
+    /// The process provider's command line.
+    pub command: Vec<String>,
+    /// The port the workspace listens on inside an EC2 instance.
+    pub port: u16,
+    /// Whether the proxy strips `/i-<id>` before forwarding (RStudio) or keeps it (JupyterLab).
+    pub strip_prefix: bool,
+    /// The readiness probe's path, relative to the workspace root.
+    pub readiness_path: String,
+    /// Request paths (after the prefix) that are keepalives, not user activity.
+    pub keepalive_paths: Vec<String>,
+    pub idle_timeout: Duration,
+}
+
+impl Config {
+    /// Reads a YAML file (or the embedded default when `path` is `None`), applies the
+    /// environment and validates. Returns the text too, for Pingora's own parse.
+    pub fn load(
+        path: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Config, String), ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
+            None => EMBEDDED_DEFAULT.to_owned(),
+        };
+        let config = Self::from_yaml(&text, env)?;
+        Ok((config, text))
+    }
+
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        check_top_level_keys(text)?;
+        let file: FileConfig =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        build(file, env)
+    }
+}
+
+/// Our sections plus whatever Pingora's `ServerConf` knows; anything else is a typo.
+fn check_top_level_keys(text: &str) -> Result<(), ConfigError> {
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+    let Some(map) = value.as_mapping() else {
+        return match value {
+            serde_yaml::Value::Null => Ok(()),
+            _ => Err(ConfigError::Yaml(
+                "the configuration must be a YAML mapping of keys to values".into(),
+            )),
+        };
+    };
+    let pingora_keys = serde_yaml::to_value(pingora_core::server::configuration::ServerConf::default())
+        .ok()
+        .and_then(|v| v.as_mapping().cloned())
+        .unwrap_or_default();
+    for key in map.keys() {
+        let name = key.as_str().unwrap_or_default();
+        let ours = matches!(name, "pool" | "provider" | "api" | "proxy" | "purposes");
+        if !ours && !pingora_keys.contains_key(key) {
+            return Err(ConfigError::UnknownKey(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+fn parse_env<T: std::str::FromStr>(
+    env: &dyn Fn(&str) -> Option<String>,
+    name: &'static str,
+    key: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env(name) {
+        None => Ok(None),
+        Some(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| invalid(key, Some(name), format!("`{text}` is not valid here: {e}"))),
+    }
+}
+
+fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    // Environment overrides, with the original deployment's names.
+    if let Some(v) = parse_env(env, "MIN_FREE_INSTANCES", "pool.min_free_instances")? {
+        file.pool.min_free_instances = v;
+    }
+    if let Some(v) = parse_env(env, "MAX_INSTANCES", "pool.max_instances")? {
+        file.pool.max_instances = v;
+    }
+    if let Some(v) = env("PROVIDER") {
+        file.provider.kind = v;
+    }
+    if let Some(v) = env("STATE_DIR") {
+        file.provider.state_dir = PathBuf::from(v);
+    }
+    let ec2 = &mut file.provider.ec2;
+    for (name, slot) in [
+        ("IMAGE_ID", &mut ec2.image_id),
+        ("IMAGE_TYPE", &mut ec2.image_type),
+        ("REGION", &mut ec2.region),
+        ("ACCOUNT", &mut ec2.account),
+        ("SECURITY_GROUP", &mut ec2.security_group),
+        ("INSTANCE_PROFILE", &mut ec2.instance_profile),
+        ("KEY_NAME", &mut ec2.key_name),
+        ("SUBNET_ID", &mut ec2.subnet_id),
+    ] {
+        if let Some(v) = env(name) {
+            *slot = Some(v);
+        }
+    }
+    if let Some(v) = env("API_LISTEN") {
+        file.api.listen = v;
+    }
+    if let Some(v) = env("API_TOKEN") {
+        file.api.token = Some(v);
+    }
+    if let Some(port) = parse_env::<u16>(env, "PORT", "proxy.listen")? {
+        // The original proxy took only a port; keep the host of the file.
+        let host = file
+            .proxy
+            .listen
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_owned())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        file.proxy.listen = format!("{host}:{port}");
+    }
+    for (name, slot) in [
+        ("PUBLIC_URL", &mut file.proxy.public_url),
+        ("DEFAULT_URL", &mut file.proxy.default_url),
+        ("SERVICE_URL", &mut file.proxy.service_url),
+        ("ROUTE_TO_REPLACE", &mut file.proxy.route_to_replace),
+        ("STRING_TO_REPLACE", &mut file.proxy.string_to_replace),
+    ] {
+        if let Some(v) = env(name) {
+            *slot = Some(v);
+        }
+    }
+    if let Some(v) = parse_env(env, "TIMEOUT_INSTANCE", "proxy.timeout_instance_ms")? {
+        file.proxy.timeout_instance_ms = v;
+    }
+
+    // Validation.
+    let pool_limits = Limits {
+        min_free: file.pool.min_free_instances,
+        max: file.pool.max_instances,
+    };
+    check_limits(pool_limits, "pool.max_instances", Some("MAX_INSTANCES"))?;
+    if file.pool.name.is_empty()
+        || !file
+            .pool
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            "pool.name",
+            None,
+            "use letters, digits, `-` and `_` only (it becomes a tag value and a file name)",
+        ));
+    }
+    if file.proxy.timeout_instance_ms == 0 {
+        return Err(invalid(
+            "proxy.timeout_instance_ms",
+            Some("TIMEOUT_INSTANCE"),
+            "must be more than 0 milliseconds",
+        ));
+    }
+    if file.pool.reconcile_interval_ms == 0 {
+        return Err(invalid(
+            "pool.reconcile_interval_ms",
+            None,
+            "must be more than 0 milliseconds",
+        ));
+    }
+
+    let api_listen: SocketAddr = file.api.listen.parse().map_err(|_| {
+        invalid(
+            "api.listen",
+            Some("API_LISTEN"),
+            format!("`{}` is not host:port with an IP address, like 127.0.0.1:3001", file.api.listen),
+        )
+    })?;
+    let api_token = file.api.token.filter(|t| !t.is_empty());
+    if !api_listen.ip().is_loopback() && api_token.is_none() {
+        return Err(invalid(
+            "api.token",
+            Some("API_TOKEN"),
+            format!("the command API listens on {api_listen}, which is not loopback: set a bearer token so that only your application can assign and delete workspaces"),
+        ));
+    }
+    let proxy_listen: SocketAddr = file.proxy.listen.parse().map_err(|_| {
+        invalid(
+            "proxy.listen",
+            Some("PORT"),
+            format!("`{}` is not host:port with an IP address, like 127.0.0.1:8081", file.proxy.listen),
+        )
+    })?;
+    let public_url = match file.proxy.public_url {
+        Some(url) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid(
+                    "proxy.public_url",
+                    Some("PUBLIC_URL"),
+                    format!("`{url}` must start with http:// or https://"),
+                ));
+            }
+            url.trim_end_matches('/').to_owned()
+        }
+        None => format!("http://{proxy_listen}"),
+    };
+    if let Some(url) = &file.proxy.service_url {
+        log::info!("SERVICE_URL={url} is accepted for compatibility and not needed: the pool and the proxy are one process now");
+    }
+
+    let provider = match file.provider.kind.as_str() {
+        "process" => ProviderConfig::Process {
+            state_dir: file.provider.state_dir,
+        },
+        "ec2" => ProviderConfig::Ec2(file.provider.ec2),
+        other => {
+            return Err(invalid(
+                "provider.kind",
+                Some("PROVIDER"),
+                format!("`{other}` is not a provider: use `process` or `ec2`"),
+            ))
+        }
+    };
+
+    let mut purposes = BTreeMap::new();
+    let mut sections = file.purposes;
+    sections.entry(DEFAULT_PURPOSE.to_owned()).or_default();
+    for (name, section) in sections {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(invalid(
+                "purposes",
+                None,
+                format!("`{name}` is not a purpose name: use letters, digits and `-`"),
+            ));
+        }
+        let preset = preset(&name);
+        let limits = Limits {
+            min_free: section.min_free_instances.unwrap_or(pool_limits.min_free),
+            max: section.max_instances.unwrap_or(pool_limits.max),
+        };
+        check_limits(limits, "purposes.<name>.max_instances", None)?;
+        let command = section.command.or(preset.command).unwrap_or_default();
+        if matches!(provider, ProviderConfig::Process { .. }) && command.is_empty() {
+            return Err(invalid(
+                "purposes.<name>.command",
+                None,
+                format!("purpose `{name}` has no command for the process provider: give the program and its arguments, with {{port}} where its port goes"),
+            ));
+        }
+        let readiness_path = section
+            .readiness_path
+            .or(preset.readiness_path)
+            .unwrap_or_else(|| "/".into());
+        if !readiness_path.starts_with('/') {
+            return Err(invalid(
+                "purposes.<name>.readiness_path",
+                None,
+                format!("`{readiness_path}` must start with /"),
+            ));
+        }
+        let timeout_ms = section
+            .timeout_instance_ms
+            .unwrap_or(file.proxy.timeout_instance_ms);
+        purposes.insert(
+            name.clone(),
+            Purpose {
+                name: name.clone(),
+                limits,
+                command,
+                port: section.port.or(preset.port).unwrap_or(8787),
+                strip_prefix: section.strip_prefix.or(preset.strip_prefix).unwrap_or(true),
+                readiness_path,
+                keepalive_paths: section
+                    .keepalive_paths
+                    .or(preset.keepalive_paths)
+                    .unwrap_or_default(),
+                idle_timeout: Duration::from_millis(timeout_ms.max(1)),
+            },
+        );
+    }
+
+    Ok(Config {
+        pool_name: file.pool.name,
+        provider,
+        api: ApiConfig {
+            listen: api_listen,
+            token: api_token,
+            max_body_bytes: file.api.max_body_bytes.max(1024),
+        },
+        proxy: ProxyConfig {
+            listen: proxy_listen,
+            public_url,
+            default_url: file.proxy.default_url,
+            route_to_replace: file.proxy.route_to_replace,
+            string_to_replace: file.proxy.string_to_replace,
+        },
+        purposes,
+        ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
+        reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
+    })
+}
+
+fn check_limits(limits: Limits, key: &'static str, env: Option<&str>) -> Result<(), ConfigError> {
+    if limits.max == 0 {
+        return Err(invalid(key, env, "must be at least 1"));
+    }
+    if limits.min_free > limits.max {
+        return Err(invalid(
+            key,
+            env,
+            format!(
+                "the minimum of free instances ({}) is above the maximum ({}): lower MIN_FREE_INSTANCES or raise MAX_INSTANCES",
+                limits.min_free, limits.max
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The built-in facts of a known purpose (DESIGN.md section 5); every key can be overridden.
+fn preset(name: &str) -> PurposeSection {
+    match name {
+        "rstudio" => PurposeSection {
+            command: Some(vec![
+                "{exe}".into(),
+                "demo-workspace".into(),
+                "--port".into(),
+                "{port}".into(),
+                "--instance-id".into(),
+                "{instance_id}".into(),
+            ]),
+            port: Some(8787),
+            strip_prefix: Some(true),
+            readiness_path: Some("/images/favicon.ico".into()),
+            keepalive_paths: Some(vec!["/events/get_events".into()]),
+            ..PurposeSection::default()
+        },
+        _ => PurposeSection::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_local() {
+        let c = Config::from_yaml(EMBEDDED_DEFAULT, &env_of(&[])).unwrap();
+        assert!(c.api.listen.ip().is_loopback());
+        assert!(c.proxy.listen.ip().is_loopback());
+        assert_eq!(c.proxy.listen.port(), 8081);
+        assert_eq!(c.api.listen.port(), 3001);
+        assert!(matches!(c.provider, ProviderConfig::Process { .. }));
+        assert!(c.purposes.contains_key("rstudio"));
+    }
+
+    #[test]
+    fn the_shipped_local_yaml_is_the_embedded_default() {
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/local.yaml")).unwrap();
+        assert_eq!(shipped, EMBEDDED_DEFAULT);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::from_yaml(
+            EMBEDDED_DEFAULT,
+            &env_of(&[
+                ("MIN_FREE_INSTANCES", "5"),
+                ("MAX_INSTANCES", "60"),
+                ("PORT", "9000"),
+                ("API_LISTEN", "127.0.0.1:4000"),
+                ("TIMEOUT_INSTANCE", "1500"),
+                ("STATE_DIR", "/tmp/x"),
+            ]),
+        )
+        .unwrap();
+        let rstudio = &c.purposes["rstudio"];
+        assert_eq!(rstudio.limits, Limits { min_free: 5, max: 60 });
+        assert_eq!(rstudio.idle_timeout, Duration::from_millis(1500));
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:4000");
+        assert!(matches!(&c.provider, ProviderConfig::Process { state_dir } if state_dir == &PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_fix() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("", &[("MAX_INSTANCES", "many")], "MAX_INSTANCES"),
+            ("", &[("MIN_FREE_INSTANCES", "9"), ("MAX_INSTANCES", "3")], "lower MIN_FREE_INSTANCES"),
+            ("", &[("MAX_INSTANCES", "0")], "at least 1"),
+            ("", &[("PROVIDER", "docker")], "use `process` or `ec2`"),
+            ("", &[("API_LISTEN", "0.0.0.0:3001")], "bearer token"),
+            ("", &[("API_LISTEN", "localhost")], "api.listen"),
+            ("pool:\n  min_fre_instances: 3\n", &[], "min_fre_instances"),
+            ("pol:\n  max_instances: 3\n", &[], "unknown top-level key `pol`"),
+            ("pool: [1, 2]\n", &[], "pool"),
+        ];
+        for (yaml, env, expected) in cases {
+            let err = Config::from_yaml(yaml, &env_of(env)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{yaml:?} {env:?}: `{err}` lacks `{expected}`");
+        }
+    }
+
+    #[test]
+    fn pingora_keys_are_allowed_beside_ours() {
+        let c = Config::from_yaml("version: 1\nthreads: 4\ngrace_period_seconds: 1\n", &env_of(&[]));
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn a_public_api_with_a_token_is_accepted() {
+        let c = Config::from_yaml(
+            "",
+            &env_of(&[("API_LISTEN", "0.0.0.0:3001"), ("API_TOKEN", "s3cret")]),
+        )
+        .unwrap();
+        assert_eq!(c.api.token.as_deref(), Some("s3cret"));
+    }
+}

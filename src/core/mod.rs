@@ -1,0 +1,10 @@
+//! The pure core: the pool's state and decisions, identifiers, the command decoder, route
+//! parsing and rewriting, credential checks.
+//!
+//! **Architecture invariant:** nothing here does I/O, reads a clock, or knows Pingora, AWS or
+//! tokio. Time comes in as milliseconds; decisions go out as plain values.
+
+pub mod auth;
+pub mod command;
+pub mod ids;
+pub mod pool;

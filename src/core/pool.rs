@@ -1,0 +1,599 @@
+//! The pool of one purpose as a pure state machine: which instances exist, who holds which,
+//! what to launch and what may be handed out. No I/O and no clock: the pool manager feeds it
+//! events (a launch finished, an instance became ready, a termination completed) and carries out
+//! the decisions it returns.
+//!
+//! The invariants of DESIGN.md hold after every call:
+//! - I1: a user holds at most one live instance (or one pending launch);
+//! - I2: an instance gets an owner at most once and keeps it until it is gone;
+//! - I3: live instances, pending launches included, never exceed `max`;
+//! - I4: [`Pool::top_up`] brings free capacity up to `min_free` as far as `max` allows.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::ids::{InstanceId, UserId};
+
+/// Sizes of one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Free instances (ready or launching, nobody's yet) to keep warm.
+    pub min_free: usize,
+    /// Live instances of the pool at most, launching and terminating ones included.
+    pub max: usize,
+}
+
+/// A launch the pool has decided on whose instance id the provider has not reported yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(pub u64);
+
+/// Where an instance is in its life, as far as the pool is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Launched, the workspace does not answer its readiness probe yet.
+    Launching,
+    /// The workspace answers.
+    Ready,
+    /// Termination has begun; it still counts against `max` until it is gone.
+    Terminating,
+}
+
+/// One instance the pool knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub phase: Phase,
+    pub owner: Option<UserId>,
+}
+
+impl Instance {
+    fn is_free(&self) -> bool {
+        self.owner.is_none() && self.phase != Phase::Terminating
+    }
+}
+
+/// What a user holds: an instance, or a launch that will become one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holding {
+    Instance(InstanceId),
+    Pending(Ticket),
+}
+
+/// The answer to a user's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// The user already holds this instance.
+    Held(InstanceId),
+    /// A free instance was just assigned to the user: record the owner with the provider.
+    Assigned(InstanceId),
+    /// A launch for this user is under way already: wait for its outcome.
+    Pending(Ticket),
+    /// No free instance: launch one for this user under this ticket.
+    Launch(Ticket),
+}
+
+/// Why a request cannot be granted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error("the pool is at its maximum of {max} instances and none is free; try again when an instance has been released, or raise MAX_INSTANCES")]
+    Full { max: usize },
+    #[error("instance {0} is not in the pool")]
+    UnknownInstance(InstanceId),
+    #[error("launch {0:?} is not pending")]
+    UnknownTicket(Ticket),
+}
+
+/// How an instance found at the provider was taken in by [`Pool::adopt`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// It is now part of the pool.
+    Adopted,
+    /// Known already; nothing changed.
+    Known,
+    /// It cannot be kept (its owner holds another instance, or the pool is full without it):
+    /// terminate it.
+    Surplus,
+}
+
+/// Counts of one pool, for status answers and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Census {
+    pub assigned: usize,
+    pub free_ready: usize,
+    pub free_launching: usize,
+    pub pending_launches: usize,
+    pub terminating: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    limits: Limits,
+    instances: BTreeMap<InstanceId, Instance>,
+    /// Launches decided on but not reported back, with the user each one is for.
+    pending: BTreeMap<Ticket, Option<UserId>>,
+    holdings: HashMap<UserId, Holding>,
+    next_ticket: u64,
+}
+
+impl Pool {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            instances: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            holdings: HashMap::new(),
+            next_ticket: 1,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Live instances and pending launches: what `max` bounds.
+    pub fn live(&self) -> usize {
+        self.instances.len() + self.pending.len()
+    }
+
+    /// Free capacity: unowned instances that are not terminating, and unowned pending launches.
+    pub fn free(&self) -> usize {
+        self.instances.values().filter(|i| i.is_free()).count()
+            + self.pending.values().filter(|o| o.is_none()).count()
+    }
+
+    pub fn instance(&self, id: &InstanceId) -> Option<&Instance> {
+        self.instances.get(id)
+    }
+
+    pub fn instances(&self) -> impl Iterator<Item = (&InstanceId, &Instance)> {
+        self.instances.iter()
+    }
+
+    pub fn holding(&self, user: &UserId) -> Option<&Holding> {
+        self.holdings.get(user)
+    }
+
+    pub fn census(&self) -> Census {
+        let mut census = Census {
+            pending_launches: self.pending.len(),
+            ..Census::default()
+        };
+        for instance in self.instances.values() {
+            match (instance.phase, &instance.owner) {
+                (Phase::Terminating, _) => census.terminating += 1,
+                (_, Some(_)) => census.assigned += 1,
+                (Phase::Ready, None) => census.free_ready += 1,
+                (Phase::Launching, None) => census.free_launching += 1,
+            }
+        }
+        census
+    }
+
+    /// A user asks for a workspace. Ready free instances are handed out before launching ones.
+    pub fn request(&mut self, user: &UserId) -> Result<Grant, PoolError> {
+        match self.holdings.get(user) {
+            Some(Holding::Instance(id)) => return Ok(Grant::Held(id.clone())),
+            Some(Holding::Pending(ticket)) => return Ok(Grant::Pending(*ticket)),
+            None => {}
+        }
+        let free = |phase: Phase| {
+            self.instances
+                .iter()
+                .find(|(_, i)| i.owner.is_none() && i.phase == phase)
+                .map(|(id, _)| id.clone())
+        };
+        if let Some(id) = free(Phase::Ready).or_else(|| free(Phase::Launching)) {
+            if let Some(instance) = self.instances.get_mut(&id) {
+                instance.owner = Some(user.clone());
+            }
+            self.holdings
+                .insert(user.clone(), Holding::Instance(id.clone()));
+            return Ok(Grant::Assigned(id));
+        }
+        // A free pending launch is taken over by the user rather than launching another.
+        if let Some((&ticket, owner)) = self.pending.iter_mut().find(|(_, o)| o.is_none()) {
+            *owner = Some(user.clone());
+            self.holdings.insert(user.clone(), Holding::Pending(ticket));
+            return Ok(Grant::Pending(ticket));
+        }
+        if self.live() >= self.limits.max {
+            return Err(PoolError::Full {
+                max: self.limits.max,
+            });
+        }
+        let ticket = self.new_ticket(Some(user.clone()));
+        self.holdings.insert(user.clone(), Holding::Pending(ticket));
+        Ok(Grant::Launch(ticket))
+    }
+
+    /// Launches to start so that free capacity reaches `min_free` without passing `max` (I4).
+    pub fn top_up(&mut self) -> Vec<Ticket> {
+        let mut tickets = Vec::new();
+        let mut free = self.free();
+        while free < self.limits.min_free && self.live() < self.limits.max {
+            tickets.push(self.new_ticket(None));
+            free += 1;
+        }
+        tickets
+    }
+
+    /// The provider launched `ticket` as instance `id`. The ticket's user, if any, now holds it.
+    pub fn launched(&mut self, ticket: Ticket, id: InstanceId) -> Result<(), PoolError> {
+        let owner = self
+            .pending
+            .remove(&ticket)
+            .ok_or(PoolError::UnknownTicket(ticket))?;
+        if let Some(user) = &owner {
+            self.holdings
+                .insert(user.clone(), Holding::Instance(id.clone()));
+        }
+        self.instances.insert(
+            id,
+            Instance {
+                phase: Phase::Launching,
+                owner,
+            },
+        );
+        Ok(())
+    }
+
+    /// The launch of `ticket` failed. Its user, if any, holds nothing again.
+    pub fn launch_failed(&mut self, ticket: Ticket) -> Option<UserId> {
+        let owner = self.pending.remove(&ticket).flatten();
+        if let Some(user) = &owner {
+            if self.holdings.get(user) == Some(&Holding::Pending(ticket)) {
+                self.holdings.remove(user);
+            }
+        }
+        owner
+    }
+
+    /// The instance answers its readiness probe.
+    pub fn mark_ready(&mut self, id: &InstanceId) -> Result<(), PoolError> {
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+        if instance.phase == Phase::Launching {
+            instance.phase = Phase::Ready;
+        }
+        Ok(())
+    }
+
+    /// Begins the end of an instance: it is nobody's any more and is never handed out again
+    /// (I2). Returns its owner. Calling it twice is harmless.
+    pub fn release(&mut self, id: &InstanceId) -> Result<Option<UserId>, PoolError> {
+        let instance = self
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+        instance.phase = Phase::Terminating;
+        let owner = instance.owner.clone();
+        if let Some(user) = &owner {
+            if self.holdings.get(user) == Some(&Holding::Instance(id.clone())) {
+                self.holdings.remove(user);
+            }
+        }
+        Ok(owner)
+    }
+
+    /// The instance is gone (terminated by us, or found dead at the provider).
+    pub fn forget(&mut self, id: &InstanceId) -> Option<Instance> {
+        let instance = self.instances.remove(id)?;
+        if let Some(user) = &instance.owner {
+            if self.holdings.get(user) == Some(&Holding::Instance(id.clone())) {
+                self.holdings.remove(user);
+            }
+        }
+        Some(instance)
+    }
+
+    /// Takes in an instance found at the provider, after a restart or one the pool lost track
+    /// of. An owned instance is kept unless its owner holds another one; a free one is kept
+    /// while the pool is under its maximum.
+    pub fn adopt(&mut self, id: InstanceId, owner: Option<UserId>, phase: Phase) -> Adoption {
+        if self.instances.contains_key(&id) {
+            return Adoption::Known;
+        }
+        match &owner {
+            Some(user) if self.holdings.contains_key(user) => return Adoption::Surplus,
+            Some(user) => {
+                self.holdings
+                    .insert(user.clone(), Holding::Instance(id.clone()));
+            }
+            None if self.live() >= self.limits.max => return Adoption::Surplus,
+            None => {}
+        }
+        self.instances.insert(id, Instance { phase, owner });
+        Adoption::Adopted
+    }
+
+    /// Free instances beyond what `max` allows, after the limits were lowered: terminate them.
+    /// Owned instances are never taken from their users.
+    pub fn set_limits(&mut self, limits: Limits) -> Vec<InstanceId> {
+        self.limits = limits;
+        let excess = self.live().saturating_sub(limits.max);
+        let surplus: Vec<InstanceId> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.is_free())
+            .map(|(id, _)| id.clone())
+            .take(excess)
+            .collect();
+        for id in &surplus {
+            // Known ids: release cannot fail here.
+            let _ = self.release(id);
+        }
+        surplus
+    }
+
+    fn new_ticket(&mut self, owner: Option<UserId>) -> Ticket {
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        self.pending.insert(ticket, owner);
+        ticket
+    }
+
+    /// Checks I1 to I3 and the bookkeeping between the maps; for tests.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut owners = HashMap::new();
+        for (id, instance) in &self.instances {
+            if let Some(user) = &instance.owner {
+                if instance.phase != Phase::Terminating {
+                    if let Some(other) = owners.insert(user.clone(), id.clone()) {
+                        return Err(format!("I1: {user} holds {other} and {id}"));
+                    }
+                    if self.holdings.get(user) != Some(&Holding::Instance(id.clone())) {
+                        return Err(format!("{user} owns {id} but holds {:?}", self.holdings.get(user)));
+                    }
+                }
+            }
+        }
+        for (ticket, owner) in &self.pending {
+            if let Some(user) = owner {
+                if owners.contains_key(user) {
+                    return Err(format!("I1: {user} holds an instance and launch {ticket:?}"));
+                }
+                if self.holdings.get(user) != Some(&Holding::Pending(*ticket)) {
+                    return Err(format!("{user} waits for {ticket:?} but holds {:?}", self.holdings.get(user)));
+                }
+            }
+        }
+        for (user, holding) in &self.holdings {
+            let consistent = match holding {
+                Holding::Instance(id) => self
+                    .instances
+                    .get(id)
+                    .is_some_and(|i| i.owner.as_ref() == Some(user)),
+                Holding::Pending(t) => self.pending.get(t) == Some(&Some(user.clone())),
+            };
+            if !consistent {
+                return Err(format!("holding of {user} points nowhere: {holding:?}"));
+            }
+        }
+        if self.live() > self.limits.max {
+            return Err(format!("I3: {} live > max {}", self.live(), self.limits.max));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn user(n: usize) -> UserId {
+        UserId::parse(&format!("user-{n}")).unwrap()
+    }
+
+    fn id(n: u128) -> InstanceId {
+        InstanceId::from_bits(n)
+    }
+
+    fn pool(min_free: usize, max: usize) -> Pool {
+        Pool::new(Limits { min_free, max })
+    }
+
+    #[test]
+    fn a_request_takes_a_ready_instance_before_a_launching_one() {
+        let mut p = pool(2, 5);
+        let tickets = p.top_up();
+        assert_eq!(tickets.len(), 2);
+        p.launched(tickets[0], id(1)).unwrap();
+        p.launched(tickets[1], id(2)).unwrap();
+        p.mark_ready(&id(2)).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(2))));
+        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(2))));
+        assert_eq!(p.request(&user(2)), Ok(Grant::Assigned(id(1))));
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_request_without_free_instances_launches_for_the_user() {
+        let mut p = pool(0, 1);
+        let Ok(Grant::Launch(ticket)) = p.request(&user(1)) else {
+            panic!("expected a launch")
+        };
+        assert_eq!(p.request(&user(1)), Ok(Grant::Pending(ticket)));
+        assert_eq!(p.request(&user(2)), Err(PoolError::Full { max: 1 }));
+        p.launched(ticket, id(7)).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(7))));
+    }
+
+    #[test]
+    fn a_request_takes_over_a_free_pending_launch() {
+        let mut p = pool(1, 1);
+        let tickets = p.top_up();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Pending(tickets[0])));
+        p.launched(tickets[0], id(3)).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(3))));
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_failed_launch_frees_its_user_to_ask_again() {
+        let mut p = pool(0, 2);
+        let Ok(Grant::Launch(ticket)) = p.request(&user(1)) else {
+            panic!("expected a launch")
+        };
+        assert_eq!(p.launch_failed(ticket), Some(user(1)));
+        assert!(matches!(p.request(&user(1)), Ok(Grant::Launch(_))));
+    }
+
+    #[test]
+    fn a_released_instance_is_never_handed_out_again() {
+        let mut p = pool(1, 3);
+        let t = p.top_up();
+        p.launched(t[0], id(1)).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(1))));
+        assert_eq!(p.release(&id(1)), Ok(Some(user(1))));
+        // Still counted until it is gone, and nobody gets it.
+        assert_eq!(p.live(), 1);
+        assert!(matches!(p.request(&user(2)), Ok(Grant::Launch(_))));
+        assert!(p.forget(&id(1)).is_some());
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn adoption_keeps_one_instance_per_user_and_respects_max() {
+        let mut p = pool(0, 2);
+        assert_eq!(p.adopt(id(1), Some(user(1)), Phase::Ready), Adoption::Adopted);
+        assert_eq!(p.adopt(id(1), Some(user(1)), Phase::Ready), Adoption::Known);
+        assert_eq!(p.adopt(id(2), Some(user(1)), Phase::Ready), Adoption::Surplus);
+        assert_eq!(p.adopt(id(3), None, Phase::Launching), Adoption::Adopted);
+        assert_eq!(p.adopt(id(4), None, Phase::Launching), Adoption::Surplus);
+        // An owned instance is kept even over max: it is somebody's session.
+        assert_eq!(p.adopt(id(5), Some(user(2)), Phase::Ready), Adoption::Adopted);
+        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(1))));
+    }
+
+    #[test]
+    fn lowering_max_terminates_free_instances_only() {
+        let mut p = pool(3, 3);
+        let t = p.top_up();
+        for (n, ticket) in t.iter().enumerate() {
+            p.launched(*ticket, id(n as u128)).unwrap();
+        }
+        p.request(&user(1)).unwrap();
+        let surplus = p.set_limits(Limits { min_free: 0, max: 1 });
+        assert_eq!(surplus.len(), 2);
+        assert!(surplus.iter().all(|i| p.instance(i).unwrap().owner.is_none()));
+    }
+
+    /// One step of the random walk: indexes pick among what exists at that moment.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Request(usize),
+        TopUp,
+        Launched(usize),
+        LaunchFailed(usize),
+        Ready(usize),
+        Release(usize),
+        Forget(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0..12usize).prop_map(Step::Request),
+            2 => Just(Step::TopUp),
+            3 => any::<usize>().prop_map(Step::Launched),
+            1 => any::<usize>().prop_map(Step::LaunchFailed),
+            2 => any::<usize>().prop_map(Step::Ready),
+            1 => any::<usize>().prop_map(Step::Release),
+            1 => any::<usize>().prop_map(Step::Forget),
+        ]
+    }
+
+    fn nth<T: Clone>(items: Vec<T>, n: usize) -> Option<T> {
+        if items.is_empty() {
+            None
+        } else {
+            Some(items[n % items.len()].clone())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn invariants_hold_after_every_step(
+            min_free in 0..6usize,
+            max in 1..10usize,
+            steps in proptest::collection::vec(step(), 1..120),
+        ) {
+            let mut p = pool(min_free, max);
+            let mut next_id = 0u128;
+            // Every instance that ever had an owner, with that owner: I2 says it never changes.
+            let mut first_owner: HashMap<InstanceId, UserId> = HashMap::new();
+            for s in steps {
+                match s {
+                    Step::Request(u) => {
+                        let before = p.holding(&user(u)).cloned();
+                        match p.request(&user(u)) {
+                            Ok(Grant::Held(i)) => prop_assert_eq!(before, Some(Holding::Instance(i))),
+                            Ok(Grant::Pending(t)) => prop_assert!(
+                                before.is_none() || before == Some(Holding::Pending(t))
+                            ),
+                            Ok(Grant::Assigned(_)) | Ok(Grant::Launch(_)) => prop_assert!(before.is_none()),
+                            Err(PoolError::Full { .. }) => {
+                                prop_assert!(before.is_none());
+                                prop_assert_eq!(p.live(), max);
+                                prop_assert_eq!(p.free(), 0);
+                            }
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                    Step::TopUp => {
+                        p.top_up();
+                        // I4: free capacity reaches min_free as far as max allows.
+                        prop_assert!(p.free() >= min_free || p.live() == max,
+                            "free {} live {} min {} max {}", p.free(), p.live(), min_free, max);
+                    }
+                    Step::Launched(n) => {
+                        if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
+                            next_id += 1;
+                            p.launched(t, id(next_id)).unwrap();
+                        }
+                    }
+                    Step::LaunchFailed(n) => {
+                        if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
+                            p.launch_failed(t);
+                        }
+                    }
+                    Step::Ready(n) => {
+                        if let Some(i) = nth(p.instances.keys().cloned().collect(), n) {
+                            p.mark_ready(&i).unwrap();
+                        }
+                    }
+                    Step::Release(n) => {
+                        if let Some(i) = nth(p.instances.keys().cloned().collect(), n) {
+                            p.release(&i).unwrap();
+                        }
+                    }
+                    Step::Forget(n) => {
+                        let gone: Vec<InstanceId> = p.instances.iter()
+                            .filter(|(_, i)| i.phase == Phase::Terminating)
+                            .map(|(i, _)| i.clone()).collect();
+                        if let Some(i) = nth(gone, n) {
+                            p.forget(&i);
+                        }
+                    }
+                }
+                p.check_invariants().map_err(TestCaseError::fail)?;
+                for (i, instance) in p.instances() {
+                    if let Some(owner) = &instance.owner {
+                        let first = first_owner.entry(i.clone()).or_insert_with(|| owner.clone());
+                        prop_assert_eq!(&*first, owner, "I2: {} changed hands", i);
+                    }
+                }
+                // A released instance never goes back to being free.
+                for (i, instance) in p.instances() {
+                    if first_owner.contains_key(i) {
+                        prop_assert!(instance.owner.is_some());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The `rstudio-pool` binary: loads the configuration and wires one Pingora `Server` with the
+//! command API, the pool manager's reconcile loop and the edge proxy. `demo-workspace` runs the
+//! built-in demo workload instead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
+
+use rstudio_pool::config::{Config, ProviderConfig};
+use rstudio_pool::demo::{self, DemoOptions};
+use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
+use rstudio_pool::provider::Provider;
+use rstudio_pool::service::api::CommandApi;
+use rstudio_pool::service::background::Reconciler;
+use rstudio_pool::service::manager::PoolManager;
+use rstudio_pool::service::proxy::EdgeProxy;
+
+#[derive(Debug, Parser)]
+#[command(name = "rstudio-pool", version, about = "A pool of on-demand workspaces behind one edge proxy")]
+struct Cli {
+    /// The configuration file; without it, the embedded default (conf/local.yaml) runs.
+    #[arg(short = 'c', long = "conf")]
+    conf: Option<String>,
+    /// Check the configuration and exit.
+    #[arg(short = 't', long = "test")]
+    test: bool,
+    /// Run in the background (Pingora's daemon mode).
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Take over the listening sockets of a running instance (Pingora's graceful upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    upgrade: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Run the built-in demo workspace (the embedded default's workload).
+    DemoWorkspace(DemoOptions),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if let Some(Sub::DemoWorkspace(options)) = cli.command {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| fail(&format!("cannot start the demo workspace: {e}")));
+        if let Err(e) = runtime.block_on(demo::run(options)) {
+            fail(&format!("demo workspace: {e}"));
+        }
+        return;
+    }
+
+    let env = |name: &str| std::env::var(name).ok();
+    let (config, text) = Config::load(cli.conf.as_deref(), &env)
+        .unwrap_or_else(|e| fail(&format!("configuration error: {e}")));
+    let server_conf = ServerConf::from_yaml(&text)
+        .unwrap_or_else(|e| fail(&format!("configuration error in Pingora's server keys: {e}")));
+    if cli.test {
+        println!(
+            "configuration {} is valid: purposes {:?}, command API on {}, proxy on {}",
+            cli.conf.as_deref().unwrap_or("(embedded default)"),
+            config.purposes.keys().collect::<Vec<_>>(),
+            config.api.listen,
+            config.proxy.listen
+        );
+        return;
+    }
+
+    let provider: Arc<dyn Provider> = match &config.provider {
+        ProviderConfig::Process { state_dir } => {
+            let commands: HashMap<String, CommandTemplate> = config
+                .purposes
+                .iter()
+                .map(|(name, p)| (name.clone(), CommandTemplate(p.command.clone())))
+                .collect();
+            Arc::new(
+                ProcessProvider::new(state_dir, &config.pool_name, commands).unwrap_or_else(|e| {
+                    fail(&format!(
+                        "cannot use STATE_DIR {}: {e}",
+                        state_dir.display()
+                    ))
+                }),
+            )
+        }
+        ProviderConfig::Ec2(_) => fail(
+            "PROVIDER=ec2 is not available in this build yet; use PROVIDER=process",
+        ),
+    };
+    let manager = PoolManager::new(
+        provider,
+        config.purposes.clone(),
+        config.proxy.public_url.clone(),
+        config.ready_timeout,
+    );
+
+    let opt = Opt {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    server.bootstrap();
+
+    let mut api = Service::new(
+        "command API".to_owned(),
+        CommandApi::new(
+            Arc::clone(&manager),
+            config.api.token.clone(),
+            config.api.max_body_bytes,
+        ),
+    );
+    api.add_tcp(&config.api.listen.to_string());
+    server.add_service(api);
+
+    server.add_service(background_service(
+        "pool manager",
+        Reconciler {
+            manager: Arc::clone(&manager),
+            interval: config.reconcile_interval,
+        },
+    ));
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        EdgeProxy {
+            manager: Arc::clone(&manager),
+        },
+        "edge proxy",
+    );
+    proxy.add_tcp(&config.proxy.listen.to_string());
+    server.add_service(proxy);
+
+    println!(
+        "rstudio-pool: command API on http://{api}, proxy on {public} ({provider} provider)\n\
+         Ask for a workspace:\n  curl -s -X POST http://{api}/ -d '{{\"command\":\"REQUEST_RSTUDIO\",\"payload\":{{\"userId\":\"me\"}}}}'\n\
+         then open the `url` it answers ({public}/i-<instanceId>/) in a browser.",
+        api = config.api.listen,
+        public = config.proxy.public_url,
+        provider = manager.provider_kind(),
+    );
+    server.run_forever();
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("rstudio-pool: {message}");
+    std::process::exit(2);
+}

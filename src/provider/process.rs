@@ -1,0 +1,472 @@
+//! The `process` provider: each instance is a local child process (the demo workspace,
+//! JupyterLab, ...) on a free loopback port. For laptops, demos and tests.
+//!
+//! Its "tags" are a small JSON record per instance in `STATE_DIR/instances/`, and each process
+//! runs in its own process group with its working directory in `STATE_DIR/work/<id>/`. The
+//! working directory is what makes a process findable when its record is missing (a crash
+//! between spawning and writing the record), the way EC2 tags are set from the first moment.
+//! After a restart of rstudio-pool, [`Provider::list`] re-adopts the processes that still run
+//! and forgets the dead ones.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_NAME, TAG_POOL,
+    TAG_PURPOSE, TAG_USER,
+};
+use crate::core::ids::{InstanceId, UserId};
+
+/// How long a workspace gets to exit after SIGTERM before its group is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The command line of one purpose: the program and its arguments, with the placeholders
+/// `{port}`, `{instance_id}`, `{base_path}` and `{exe}` (this binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandTemplate(pub Vec<String>);
+
+impl CommandTemplate {
+    pub fn render(&self, exe: &str, port: u16, id: &InstanceId) -> Vec<String> {
+        let base_path = format!("/{id}/");
+        self.0
+            .iter()
+            .map(|arg| {
+                arg.replace("{exe}", exe)
+                    .replace("{port}", &port.to_string())
+                    .replace("{instance_id}", id.as_str())
+                    .replace("{base_path}", &base_path)
+            })
+            .collect()
+    }
+}
+
+/// What the provider keeps on disk about one instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    pid: u32,
+    /// The process's start time in clock ticks since boot, so a reused pid is not mistaken
+    /// for our process.
+    start_ticks: u64,
+    port: u16,
+    launched_at_ms: u64,
+    tags: BTreeMap<String, String>,
+}
+
+/// The provider; cheap to clone, so that its blocking parts can run on tokio's blocking pool.
+#[derive(Clone)]
+pub struct ProcessProvider {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for ProcessProvider {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+pub struct Inner {
+    state_dir: PathBuf,
+    pool_name: String,
+    commands: HashMap<String, CommandTemplate>,
+    exe: String,
+    /// Processes this run spawned, kept so that their exit is reaped (no zombies).
+    children: Mutex<HashMap<String, Child>>,
+}
+
+impl ProcessProvider {
+    /// Creates the provider over `state_dir`, creating its folders.
+    pub fn new(
+        state_dir: &Path,
+        pool_name: &str,
+        commands: HashMap<String, CommandTemplate>,
+    ) -> io::Result<Self> {
+        std::fs::create_dir_all(state_dir.join("instances"))?;
+        std::fs::create_dir_all(state_dir.join("work"))?;
+        let state_dir = state_dir.canonicalize()?;
+        let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state_dir,
+                pool_name: pool_name.to_owned(),
+                commands,
+                exe,
+                children: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("instances").join(format!("{id}.json"))
+    }
+
+    fn work_dir(&self) -> PathBuf {
+        self.state_dir.join("work")
+    }
+
+    fn write_record(&self, record: &Record) -> io::Result<()> {
+        let path = self.record_path(&record.id);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+        std::fs::rename(tmp, path)
+    }
+
+    fn read_record(&self, id: &str) -> io::Result<Record> {
+        let bytes = std::fs::read(self.record_path(id))?;
+        serde_json::from_slice(&bytes).map_err(io::Error::other)
+    }
+
+    fn spawn(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
+        let fail = |reason: String| ProviderError::Launch {
+            purpose: spec.purpose.clone(),
+            reason,
+        };
+        let template = self.commands.get(&spec.purpose).ok_or_else(|| {
+            fail(format!(
+                "no command is configured for purpose `{}` of the process provider",
+                spec.purpose
+            ))
+        })?;
+        let id = InstanceId::from_bits(rand::random());
+        let port = free_port().map_err(|e| fail(format!("no free loopback port: {e}")))?;
+        let argv = template.render(&self.exe, port, &id);
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| fail("the command is empty".into()))?;
+        let work = self.work_dir().join(id.as_str());
+        std::fs::create_dir_all(&work).map_err(|e| fail(format!("{}: {e}", work.display())))?;
+        let log = std::fs::File::create(work.join("workspace.log"))
+            .map_err(|e| fail(format!("cannot create the workspace log: {e}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| fail(format!("cannot create the workspace log: {e}")))?;
+
+        let mut tags = BTreeMap::new();
+        tags.insert(TAG_PURPOSE.to_owned(), spec.purpose.clone());
+        tags.insert(TAG_POOL.to_owned(), self.pool_name.clone());
+        tags.insert(TAG_NAME.to_owned(), format!("{}-{}", self.pool_name, spec.purpose));
+        if let Some(user) = &spec.owner {
+            tags.insert(TAG_USER.to_owned(), user.as_str().to_owned());
+        }
+
+        let child = {
+            use std::os::unix::process::CommandExt;
+            Command::new(program)
+                .args(args)
+                .current_dir(&work)
+                .env("RSTUDIO_POOL_INSTANCE_ID", id.as_str())
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log_err)
+                // Its own process group, so that stopping it stops everything it started, and
+                // so that it outlives a crash of rstudio-pool.
+                .process_group(0)
+                .spawn()
+                .map_err(|e| fail(format!("cannot start `{program}`: {e}")))?
+        };
+        let pid = child.id();
+        let start_ticks = read_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
+        let record = Record {
+            id: id.as_str().to_owned(),
+            pid,
+            start_ticks,
+            port,
+            launched_at_ms: now_ms(),
+            tags,
+        };
+        if let Err(e) = self.write_record(&record) {
+            kill_group(pid, libc::SIGKILL);
+            return Err(fail(format!("cannot write the instance record: {e}")));
+        }
+        self.lock_children().insert(record.id.clone(), child);
+        info!("launched {id} ({}) as pid {pid} on port {port}", spec.purpose);
+        Ok(to_instance(&record))
+    }
+
+    fn lock_children(&self) -> std::sync::MutexGuard<'_, HashMap<String, Child>> {
+        // A panic while holding this lock cannot leave the map inconsistent: take it anyway.
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the process of `record` still runs (and is the same process).
+    fn is_alive(&self, record: &Record) -> bool {
+        if let Some(child) = self.lock_children().get_mut(&record.id) {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return false;
+            }
+        }
+        match read_stat(record.pid) {
+            Some(stat) => {
+                stat.state != 'Z'
+                    && stat.state != 'X'
+                    && (record.start_ticks == 0 || stat.start_ticks == record.start_ticks)
+            }
+            None => false,
+        }
+    }
+
+    fn list_blocking(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let dir = self.state_dir.join("instances");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| ProviderError::Other(format!("cannot read {}: {e}", dir.display())))?;
+        let mut live = Vec::new();
+        let mut known = std::collections::HashSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let record = match self.read_record(id) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!("ignoring unreadable instance record {name}: {e}");
+                    continue;
+                }
+            };
+            known.insert(record.id.clone());
+            if self.is_alive(&record) {
+                live.push(to_instance(&record));
+            } else {
+                info!("instance {} (pid {}) is gone; forgetting it", record.id, record.pid);
+                self.forget(&record.id);
+            }
+        }
+        // Processes without a record: report them with no tags, so the pool terminates them.
+        for (pid, id) in group_leaders_under(&self.work_dir()) {
+            if known.contains(&id) {
+                continue;
+            }
+            if let Ok(id) = InstanceId::parse(&id) {
+                warn!("found process {pid} of {id} without a record");
+                live.push(InstanceRecord {
+                    id,
+                    state: ProviderState::Running,
+                    tags: BTreeMap::new(),
+                    address: None,
+                    launched_at_ms: 0,
+                    key_name: None,
+                });
+            }
+        }
+        Ok(live)
+    }
+
+    fn forget(&self, id: &str) {
+        self.lock_children().remove(id);
+        let _ = std::fs::remove_file(self.record_path(id));
+        let _ = std::fs::remove_dir_all(self.work_dir().join(id));
+    }
+
+    /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
+    async fn stop(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        let pid = match self.read_record(id.as_str()) {
+            Ok(record) if self.is_alive(&record) => Some(record.pid),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // No record: it may be an unrecorded process found by its working directory.
+                group_leaders_under(&self.work_dir())
+                    .into_iter()
+                    .find(|(_, found)| found == id.as_str())
+                    .map(|(pid, _)| pid)
+            }
+            Err(e) => return Err(ProviderError::Other(format!("record of {id}: {e}"))),
+        };
+        if let Some(pid) = pid {
+            kill_group(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while group_alive(pid) && tokio::time::Instant::now() < deadline {
+                self.reap(id);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if group_alive(pid) {
+                warn!("{id} ignored SIGTERM for {STOP_GRACE:?}; killing its process group");
+                kill_group(pid, libc::SIGKILL);
+            }
+            self.reap(id);
+        }
+        self.forget(id.as_str());
+        info!("terminated {id}");
+        Ok(())
+    }
+
+    fn reap(&self, id: &InstanceId) {
+        if let Some(child) = self.lock_children().get_mut(id.as_str()) {
+            let _ = child.try_wait();
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for ProcessProvider {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
+        // fork/exec and a few small file writes: done off the async workers.
+        let this = self.clone();
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || this.spawn(&spec))
+            .await
+            .map_err(|e| ProviderError::Other(format!("launch task failed: {e}")))?
+    }
+
+    async fn list(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.list_blocking())
+            .await
+            .map_err(|e| ProviderError::Other(format!("list task failed: {e}")))?
+    }
+
+    async fn set_owner(&self, id: &InstanceId, user: &UserId) -> Result<(), ProviderError> {
+        let mut record = self.read_record(id.as_str()).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                ProviderError::NotFound(id.clone())
+            } else {
+                ProviderError::Other(format!("record of {id}: {e}"))
+            }
+        })?;
+        record
+            .tags
+            .insert(TAG_USER.to_owned(), user.as_str().to_owned());
+        self.write_record(&record)
+            .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
+    }
+
+    async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        self.stop(id).await
+    }
+}
+
+fn to_instance(record: &Record) -> InstanceRecord {
+    InstanceRecord {
+        // Records are written by us with valid ids; a hand-edited one falls back to a fresh
+        // id, which makes the pool terminate it as unknown.
+        id: InstanceId::parse(&record.id).unwrap_or_else(|_| InstanceId::from_bits(0)),
+        state: ProviderState::Running,
+        tags: record.tags.clone(),
+        address: Some(format!("127.0.0.1:{}", record.port)),
+        launched_at_ms: record.launched_at_ms,
+        key_name: None,
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A loopback port nobody listens on right now. The workspace binds it a moment later; a
+/// collision in between shows up as a workspace that never gets ready, which is replaced.
+fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Stat {
+    state: char,
+    pgid: i32,
+    start_ticks: u64,
+}
+
+/// Reads the fields we need from `/proc/<pid>/stat`.
+fn read_stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain anything: parse after the last `)`.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        pgid: fields.get(2)?.parse().ok()?,
+        start_ticks: fields.get(19)?.parse().ok()?,
+    })
+}
+
+/// Process-group leaders whose working directory is `work/<id>`, with that id.
+fn group_leaders_under(work: &Path) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+            continue;
+        };
+        let Ok(rest) = cwd.strip_prefix(work) else {
+            continue;
+        };
+        let Some(id) = rest.iter().next() else {
+            continue;
+        };
+        match read_stat(pid) {
+            Some(stat) if stat.pgid == pid as i32 && stat.state != 'Z' => {
+                found.push((pid, id.to_string_lossy().into_owned()));
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+fn kill_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+    unsafe {
+        libc::kill(-(pid as i32), signal);
+    }
+}
+
+fn group_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence. A group of zombies still "exists" to kill(2),
+    // so the leader's own state decides when it is our child and already dead.
+    let exists = unsafe { libc::kill(-(pid as i32), 0) } == 0;
+    exists && read_stat(pid).is_none_or(|s| s.state != 'Z')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_every_placeholder() {
+        let t = CommandTemplate(vec![
+            "{exe}".into(),
+            "--port={port}".into(),
+            "--id".into(),
+            "{instance_id}".into(),
+            "--base={base_path}".into(),
+        ]);
+        let id = InstanceId::parse("i-0123456789abcdef0").unwrap();
+        assert_eq!(
+            t.render("/bin/ws", 8080, &id),
+            vec![
+                "/bin/ws",
+                "--port=8080",
+                "--id",
+                "i-0123456789abcdef0",
+                "--base=/i-0123456789abcdef0/"
+            ]
+        );
+    }
+
+    #[test]
+    fn stat_of_this_process_is_readable() {
+        let stat = read_stat(std::process::id()).unwrap();
+        assert!(stat.start_ticks > 0);
+        assert!(matches!(stat.state, 'R' | 'S'));
+    }
+}

@@ -1,0 +1,672 @@
+//! The pool manager: carries out the pure pool's decisions with a provider. It answers the
+//! commands (request, status, delete), and its reconcile loop keeps the pools topped up,
+//! probes launching instances, retires those that never get ready, and keeps the pool in step
+//! with the provider, the source of truth (I5).
+//!
+//! Locking: one `std::sync::Mutex` over all pools, never held across an `await`. Provider
+//! calls happen outside it; their outcomes are fed back into the pools under it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use super::probe::probe;
+use crate::config::Purpose;
+use crate::core::ids::{InstanceId, UserId};
+use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
+use crate::provider::process::now_ms;
+use crate::provider::{InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState};
+
+/// How long a caller waits for a launch someone else started for the same user.
+const PENDING_WAIT: Duration = Duration::from_secs(120);
+/// How long a command waits for the pool to be rebuilt from the provider after a start.
+const RECOVERY_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("unknown purpose `{given}`: use one of {known}")]
+    UnknownPurpose { given: String, known: String },
+    #[error("{0}")]
+    Pool(#[from] PoolError),
+    #[error("{0}")]
+    Provider(#[from] ProviderError),
+    #[error("the launch of an instance for this user failed: {0}")]
+    LaunchFailed(String),
+    #[error("the pool is still being rebuilt from the provider after a start; retry in a few seconds")]
+    Recovering,
+}
+
+/// What `REQUEST_RSTUDIO` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    pub instance_id: InstanceId,
+    pub user_id: String,
+    pub purpose: String,
+    /// `launching` or `ready`.
+    pub status: &'static str,
+    pub ready: bool,
+    /// Where the user opens the workspace, through the proxy.
+    pub url: String,
+}
+
+/// What `GET_STATUS {instanceId}` answers about one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceView {
+    pub id: InstanceId,
+    pub purpose: String,
+    pub phase: Phase,
+    pub owner: Option<UserId>,
+    pub record: InstanceRecord,
+}
+
+/// Where the proxy sends the traffic of one instance, and to whom it belongs.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub purpose: String,
+    pub address: Option<String>,
+    pub owner: Option<UserId>,
+    pub ready: bool,
+}
+
+/// What the manager knows about an instance beyond the pool's view.
+struct Known {
+    purpose: String,
+    record: InstanceRecord,
+}
+
+struct State {
+    pools: BTreeMap<String, Pool>,
+    known: HashMap<InstanceId, Known>,
+    /// Outcome channels of pending launches, for callers waiting on someone else's launch.
+    waits: HashMap<(String, Ticket), watch::Sender<Option<Result<InstanceId, String>>>>,
+    /// Consecutive failed launches per purpose, for backoff.
+    failures: HashMap<String, u32>,
+    /// No top-up launch of a purpose before this time (ms since the epoch).
+    backoff_until: HashMap<String, u64>,
+}
+
+pub struct PoolManager {
+    provider: Arc<dyn Provider>,
+    purposes: BTreeMap<String, Purpose>,
+    public_url: String,
+    ready_timeout: Duration,
+    state: Mutex<State>,
+    /// Wakes the reconcile loop early (after an assignment or a termination).
+    changed: Notify,
+    /// True once the pools were rebuilt from the provider after start.
+    recovered: watch::Sender<bool>,
+    /// Provider launches under way; the loop does not adopt unknown instances meanwhile, since
+    /// one of them may be a launch whose result has not been recorded yet.
+    launches_in_flight: AtomicUsize,
+}
+
+impl PoolManager {
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        purposes: BTreeMap<String, Purpose>,
+        public_url: String,
+        ready_timeout: Duration,
+    ) -> Arc<Self> {
+        let pools = purposes
+            .iter()
+            .map(|(name, p)| (name.clone(), Pool::new(p.limits)))
+            .collect();
+        Arc::new(Self {
+            provider,
+            purposes,
+            public_url,
+            ready_timeout,
+            state: Mutex::new(State {
+                pools,
+                known: HashMap::new(),
+                waits: HashMap::new(),
+                failures: HashMap::new(),
+                backoff_until: HashMap::new(),
+            }),
+            changed: Notify::new(),
+            recovered: watch::channel(false).0,
+            launches_in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every mutation under this lock is a single call into the pure pool, which leaves it
+        // consistent even if a panic unwinds: recover the guard rather than poison the server.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn purposes(&self) -> &BTreeMap<String, Purpose> {
+        &self.purposes
+    }
+
+    pub fn provider_kind(&self) -> &'static str {
+        self.provider.kind()
+    }
+
+    fn purpose(&self, name: &str) -> Result<&Purpose, ManagerError> {
+        self.purposes
+            .get(name)
+            .ok_or_else(|| ManagerError::UnknownPurpose {
+                given: name.chars().take(64).collect(),
+                known: self
+                    .purposes
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    async fn wait_recovered(&self) -> Result<(), ManagerError> {
+        let mut rx = self.recovered.subscribe();
+        let done = matches!(
+            tokio::time::timeout(RECOVERY_WAIT, rx.wait_for(|done| *done)).await,
+            Ok(Ok(_))
+        );
+        if done {
+            Ok(())
+        } else {
+            Err(ManagerError::Recovering)
+        }
+    }
+
+    pub fn is_recovered(&self) -> bool {
+        *self.recovered.borrow()
+    }
+
+    // ---- Commands ----
+
+    /// `REQUEST_RSTUDIO`: the user's instance of `purpose`, assigning or launching one if they
+    /// hold none. Returns at once; the answer says whether the instance is ready yet.
+    pub async fn request(&self, user: &UserId, purpose: &str) -> Result<Assignment, ManagerError> {
+        self.purpose(purpose)?;
+        self.wait_recovered().await?;
+        let grant = {
+            let mut st = self.lock();
+            let grant = st
+                .pools
+                .get_mut(purpose)
+                .expect("a pool per configured purpose")
+                .request(user)?;
+            if let Grant::Launch(ticket) = grant {
+                st.waits
+                    .insert((purpose.to_owned(), ticket), watch::channel(None).0);
+            }
+            grant
+        };
+        let id = match grant {
+            Grant::Held(id) => id,
+            Grant::Assigned(id) => {
+                if let Err(e) = self.provider.set_owner(&id, user).await {
+                    // Without the tag a restart would see a free instance: never keep it.
+                    error!("cannot record {user} as the owner of {id}: {e}; terminating it");
+                    let _ = self.terminate(&id).await;
+                    return Err(e.into());
+                }
+                info!("assigned {id} ({purpose}) to {user}");
+                self.changed.notify_one();
+                id
+            }
+            Grant::Launch(ticket) => {
+                self.launch(purpose, ticket, Some(user.clone()))
+                    .await
+                    .map_err(ManagerError::LaunchFailed)?
+            }
+            Grant::Pending(ticket) => self.wait_for_launch(purpose, ticket).await?,
+        };
+        Ok(self.assignment(&id, user, purpose))
+    }
+
+    async fn wait_for_launch(&self, purpose: &str, ticket: Ticket) -> Result<InstanceId, ManagerError> {
+        let rx = self
+            .lock()
+            .waits
+            .get(&(purpose.to_owned(), ticket))
+            .map(|tx| tx.subscribe());
+        let Some(mut rx) = rx else {
+            return Err(ManagerError::LaunchFailed(
+                "the launch finished while this request arrived; send the request again".into(),
+            ));
+        };
+        let outcome = match tokio::time::timeout(PENDING_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone(),
+            _ => None,
+        };
+        match outcome {
+            Some(Ok(id)) => Ok(id),
+            Some(Err(reason)) => Err(ManagerError::LaunchFailed(reason)),
+            None => Err(ManagerError::LaunchFailed(
+                "the launch did not finish in time; send the request again".into(),
+            )),
+        }
+    }
+
+    fn assignment(&self, id: &InstanceId, user: &UserId, purpose: &str) -> Assignment {
+        let ready = self
+            .lock()
+            .pools
+            .get(purpose)
+            .and_then(|p| p.instance(id))
+            .is_some_and(|i| i.phase == Phase::Ready);
+        Assignment {
+            instance_id: id.clone(),
+            user_id: user.as_str().to_owned(),
+            purpose: purpose.to_owned(),
+            status: if ready { "ready" } else { "launching" },
+            ready,
+            url: self.user_url(id),
+        }
+    }
+
+    /// The link a user opens: the proxy's public URL and the instance's prefix.
+    pub fn user_url(&self, id: &InstanceId) -> String {
+        format!("{}/{id}/", self.public_url)
+    }
+
+    /// `GET_STATUS {}`: ids of the instances assigned to users, every purpose, sorted.
+    pub fn assigned(&self) -> Vec<InstanceId> {
+        let st = self.lock();
+        let mut ids: Vec<InstanceId> = st
+            .pools
+            .values()
+            .flat_map(|p| {
+                p.instances()
+                    .filter(|(_, i)| i.owner.is_some() && i.phase != Phase::Terminating)
+                    .map(|(id, _)| id.clone())
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Counts per purpose.
+    pub fn census(&self) -> BTreeMap<String, Census> {
+        self.lock()
+            .pools
+            .iter()
+            .map(|(name, p)| (name.clone(), p.census()))
+            .collect()
+    }
+
+    /// `GET_STATUS {instanceId}`.
+    pub fn instance(&self, id: &InstanceId) -> Option<InstanceView> {
+        let st = self.lock();
+        let known = st.known.get(id)?;
+        let instance = st.pools.get(&known.purpose)?.instance(id)?;
+        Some(InstanceView {
+            id: id.clone(),
+            purpose: known.purpose.clone(),
+            phase: instance.phase,
+            owner: instance.owner.clone(),
+            record: known.record.clone(),
+        })
+    }
+
+    /// Where the proxy sends traffic for `id`, if the pool knows it and it is not terminating.
+    pub fn route(&self, id: &InstanceId) -> Option<Route> {
+        let st = self.lock();
+        let known = st.known.get(id)?;
+        let instance = st.pools.get(&known.purpose)?.instance(id)?;
+        if instance.phase == Phase::Terminating {
+            return None;
+        }
+        Some(Route {
+            purpose: known.purpose.clone(),
+            address: known.record.address.clone(),
+            owner: instance.owner.clone(),
+            ready: instance.phase == Phase::Ready,
+        })
+    }
+
+    /// `DELETE`: terminates the instance; the pool tops up afterwards.
+    pub async fn delete(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        self.wait_recovered().await?;
+        self.terminate(id).await
+    }
+
+    /// Releases `id` in its pool and terminates it at the provider. On a provider failure the
+    /// instance stays `Terminating` (never handed out) and the reconcile loop retries.
+    pub async fn terminate(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        {
+            let mut st = self.lock();
+            let purpose = st
+                .known
+                .get(id)
+                .map(|k| k.purpose.clone())
+                .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+            if let Some(pool) = st.pools.get_mut(&purpose) {
+                pool.release(id)?;
+            }
+        }
+        self.provider.terminate(id).await?;
+        self.forget(id);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    fn forget(&self, id: &InstanceId) {
+        let mut st = self.lock();
+        if let Some(known) = st.known.remove(id) {
+            if let Some(pool) = st.pools.get_mut(&known.purpose) {
+                pool.forget(id);
+            }
+        }
+    }
+
+    // ---- Launching ----
+
+    /// Launches the instance of `ticket` and records the outcome. Returns the id, or the reason
+    /// it failed in words for the caller.
+    async fn launch(&self, purpose: &str, ticket: Ticket, owner: Option<UserId>) -> Result<InstanceId, String> {
+        self.launches_in_flight.fetch_add(1, Ordering::SeqCst);
+        let spec = LaunchSpec {
+            purpose: purpose.to_owned(),
+            owner: owner.clone(),
+        };
+        let result = self.provider.launch(&spec).await;
+        let outcome = match result {
+            Ok(record) => {
+                let id = record.id.clone();
+                let late_owner = {
+                    let mut st = self.lock();
+                    st.failures.remove(purpose);
+                    let pool = st.pools.get_mut(purpose).expect("a pool per purpose");
+                    match pool.launched(ticket, id.clone()) {
+                        Ok(()) => {
+                            let now_owner = pool.instance(&id).and_then(|i| i.owner.clone());
+                            st.known.insert(
+                                id.clone(),
+                                Known {
+                                    purpose: purpose.to_owned(),
+                                    record,
+                                },
+                            );
+                            // A user took over this launch while it ran: tag them now.
+                            Ok(now_owner.filter(|_| owner.is_none()))
+                        }
+                        Err(e) => Err(e),
+                    }
+                };
+                match late_owner {
+                    Ok(Some(user)) => match self.provider.set_owner(&id, &user).await {
+                        Ok(()) => Ok(id),
+                        Err(e) => {
+                            error!("cannot record {user} as the owner of {id}: {e}; terminating it");
+                            let _ = self.terminate(&id).await;
+                            Err(format!("could not record the owner of the new instance: {e}"))
+                        }
+                    },
+                    Ok(None) => Ok(id),
+                    Err(e) => {
+                        // Cannot happen while tickets are only completed here; never leak it.
+                        error!("{e}; terminating the orphan {id}");
+                        let _ = self.provider.terminate(&id).await;
+                        Err(e.to_string())
+                    }
+                }
+            }
+            Err(e) => {
+                let mut st = self.lock();
+                st.pools
+                    .get_mut(purpose)
+                    .expect("a pool per purpose")
+                    .launch_failed(ticket);
+                let failures = {
+                    let count = st.failures.entry(purpose.to_owned()).or_insert(0);
+                    *count += 1;
+                    *count
+                };
+                let delay = backoff(failures);
+                st.backoff_until
+                    .insert(purpose.to_owned(), now_ms() + delay.as_millis() as u64);
+                error!("{e} (attempt {failures}; next top-up in {delay:?})");
+                Err(e.to_string())
+            }
+        };
+        self.launches_in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(tx) = self.lock().waits.remove(&(purpose.to_owned(), ticket)) {
+            tx.send_replace(Some(outcome.clone()));
+        }
+        self.changed.notify_one();
+        outcome
+    }
+
+    // ---- The reconcile loop ----
+
+    /// Rebuilds the pools from the provider: adopts every instance of a known purpose (with
+    /// the owner in its tags) and terminates what cannot be adopted (I5).
+    pub async fn recover(&self) -> Result<(), ProviderError> {
+        let records = self.provider.list().await?;
+        self.adopt_unknown(records, true).await;
+        self.recovered.send_replace(true);
+        info!("pool rebuilt from the {} provider: {:?}", self.provider.kind(), self.census());
+        Ok(())
+    }
+
+    async fn adopt_unknown(&self, records: Vec<InstanceRecord>, at_start: bool) {
+        let mut doomed = Vec::new();
+        {
+            let mut st = self.lock();
+            for record in records {
+                if st.known.contains_key(&record.id) {
+                    continue;
+                }
+                let Some(purpose) = record.purpose().filter(|p| st.pools.contains_key(*p)).map(str::to_owned) else {
+                    warn!("instance {} has no purpose this pool serves (tags {:?}); terminating it", record.id, record.tags);
+                    doomed.push(record.id);
+                    continue;
+                };
+                let owner = match record.owner() {
+                    Ok(owner) => owner,
+                    Err(e) => {
+                        warn!("{e}; terminating it");
+                        doomed.push(record.id);
+                        continue;
+                    }
+                };
+                if record.state == ProviderState::Stopped {
+                    warn!("instance {} is stopped; terminating it", record.id);
+                    doomed.push(record.id);
+                    continue;
+                }
+                let pool = st.pools.get_mut(&purpose).expect("checked above");
+                match pool.adopt(record.id.clone(), owner.clone(), Phase::Launching) {
+                    Adoption::Adopted | Adoption::Known => {
+                        if !at_start {
+                            warn!("adopted {} ({purpose}, owner {owner:?}) found at the provider", record.id);
+                        }
+                        st.known.insert(record.id.clone(), Known { purpose, record });
+                    }
+                    Adoption::Surplus => {
+                        warn!("instance {} ({purpose}, owner {owner:?}) is surplus; terminating it", record.id);
+                        doomed.push(record.id);
+                    }
+                }
+            }
+        }
+        for id in doomed {
+            if let Err(e) = self.provider.terminate(&id).await {
+                error!("cannot terminate {id}: {e}");
+            }
+        }
+    }
+
+    /// One round: sync with the provider, probe launching instances, retire the ones that
+    /// never got ready, retry failed terminations, top up.
+    pub async fn reconcile(self: &Arc<Self>) {
+        if !self.is_recovered() {
+            if let Err(e) = self.recover().await {
+                error!("cannot list instances at the {} provider: {e}; retrying", self.provider.kind());
+                return;
+            }
+        }
+        self.sync().await;
+        self.probe_launching().await;
+        self.top_up();
+    }
+
+    /// Forgets instances the provider no longer has; adopts or terminates instances it has
+    /// that the pool does not know; retries terminations.
+    async fn sync(&self) {
+        let started = now_ms();
+        let in_flight_before = self.launches_in_flight.load(Ordering::SeqCst);
+        let records = match self.provider.list().await {
+            Ok(r) => r,
+            Err(e) => {
+                error!("cannot list instances: {e}");
+                return;
+            }
+        };
+        let listed: HashSet<InstanceId> = records.iter().map(|r| r.id.clone()).collect();
+        let mut retry_terminate = Vec::new();
+        {
+            let st = self.lock();
+            for (id, known) in &st.known {
+                let phase = st.pools.get(&known.purpose).and_then(|p| p.instance(id)).map(|i| i.phase);
+                if listed.contains(id) && phase == Some(Phase::Terminating) {
+                    retry_terminate.push(id.clone());
+                }
+            }
+        }
+        let vanished: Vec<InstanceId> = {
+            let st = self.lock();
+            st.known
+                .iter()
+                .filter(|(id, k)| !listed.contains(*id) && k.record.launched_at_ms < started)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in vanished {
+            warn!("instance {id} is gone at the provider; forgetting it");
+            self.forget(&id);
+            self.changed.notify_one();
+        }
+        for id in retry_terminate {
+            if let Err(e) = self.provider.terminate(&id).await {
+                error!("terminating {id} failed again: {e}");
+            } else {
+                self.forget(&id);
+            }
+        }
+        if in_flight_before == 0 && self.launches_in_flight.load(Ordering::SeqCst) == 0 {
+            self.adopt_unknown(records, false).await;
+        }
+    }
+
+    async fn probe_launching(&self) {
+        let launching: Vec<(InstanceId, Option<String>, String, u64)> = {
+            let st = self.lock();
+            st.known
+                .iter()
+                .filter(|(id, k)| {
+                    st.pools
+                        .get(&k.purpose)
+                        .and_then(|p| p.instance(id))
+                        .is_some_and(|i| i.phase == Phase::Launching)
+                })
+                .map(|(id, k)| {
+                    (id.clone(), k.record.address.clone(), k.purpose.clone(), k.record.launched_at_ms)
+                })
+                .collect()
+        };
+        let probes = launching.into_iter().map(|(id, address, purpose, launched_at)| async move {
+            let path = &self.purposes[&purpose].readiness_path;
+            let ready = match &address {
+                Some(a) => probe(a, path, "rstudio-pool-probe", Duration::from_secs(2)).await,
+                None => false,
+            };
+            (id, purpose, launched_at, ready)
+        });
+        let results = futures_util::future::join_all(probes).await;
+        let now = now_ms();
+        for (id, purpose, launched_at, ready) in results {
+            if ready {
+                let mut st = self.lock();
+                if let Some(pool) = st.pools.get_mut(&purpose) {
+                    let _ = pool.mark_ready(&id);
+                }
+                info!("{id} ({purpose}) is ready");
+            } else if now.saturating_sub(launched_at) > self.ready_timeout.as_millis() as u64 {
+                warn!("{id} ({purpose}) was not ready within {:?}; replacing it", self.ready_timeout);
+                {
+                    let mut st = self.lock();
+                    let failures = {
+                        let count = st.failures.entry(purpose.clone()).or_insert(0);
+                        *count += 1;
+                        *count
+                    };
+                    let until = now + backoff(failures).as_millis() as u64;
+                    st.backoff_until.insert(purpose.clone(), until);
+                }
+                if let Err(e) = self.terminate(&id).await {
+                    error!("cannot terminate {id}: {e}");
+                }
+            }
+        }
+    }
+
+    fn top_up(self: &Arc<Self>) {
+        let now = now_ms();
+        let mut launches = Vec::new();
+        {
+            let mut st = self.lock();
+            let purposes: Vec<String> = st.pools.keys().cloned().collect();
+            for purpose in purposes {
+                if st.backoff_until.get(&purpose).is_some_and(|&t| t > now) {
+                    continue;
+                }
+                let tickets = st.pools.get_mut(&purpose).expect("listed").top_up();
+                for ticket in tickets {
+                    st.waits.insert((purpose.clone(), ticket), watch::channel(None).0);
+                    launches.push((purpose.clone(), ticket));
+                }
+            }
+        }
+        for (purpose, ticket) in launches {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = this.launch(&purpose, ticket, None).await;
+            });
+        }
+    }
+
+    /// Runs [`Self::reconcile`] every `interval`, and early after a change, until `shutdown`.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.changed.notified() => {}
+                _ = shutdown.changed() => {
+                    info!("pool manager stops; instances keep running and are re-adopted at the next start");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter for failed launches: 1 s, 2 s, 4 s ... up to 5 minutes.
+fn backoff(failures: u32) -> Duration {
+    let base = 1000u64.saturating_mul(1 << failures.saturating_sub(1).min(9)).min(300_000);
+    let jitter = rand::random::<u64>() % (base / 4 + 1);
+    Duration::from_millis(base + jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) >= Duration::from_secs(1) && backoff(1) < Duration::from_secs(2));
+        assert!(backoff(3) >= Duration::from_secs(4));
+        assert!(backoff(40) <= Duration::from_millis(375_000));
+    }
+}
