@@ -142,6 +142,9 @@ struct ProxySection {
     route_to_replace: Option<String>,
     string_to_replace: Option<String>,
     timeout_instance_ms: u64,
+    downstream_read_timeout_ms: u64,
+    websocket_idle_timeout_ms: u64,
+    upstream_connect_timeout_ms: u64,
 }
 
 impl Default for ProxySection {
@@ -154,6 +157,9 @@ impl Default for ProxySection {
             route_to_replace: None,
             string_to_replace: None,
             timeout_instance_ms: 3_600_000,
+            downstream_read_timeout_ms: 60_000,
+            websocket_idle_timeout_ms: 86_400_000,
+            upstream_connect_timeout_ms: 5_000,
         }
     }
 }
@@ -202,9 +208,59 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The base URL users reach the proxy at, for the `url` of `REQUEST_RSTUDIO`.
     pub public_url: String,
-    pub default_url: Option<String>,
+    /// Where paths that name no instance go, as the original proxy sent them.
+    pub default_url: Option<DefaultUrl>,
     pub route_to_replace: Option<String>,
     pub string_to_replace: Option<String>,
+    /// How long a client may stay silent while sending a request; `None` waits forever.
+    pub downstream_read_timeout: Option<Duration>,
+    /// How long an upgraded (WebSocket) connection may stay silent; `None` waits forever.
+    pub websocket_idle_timeout: Option<Duration>,
+    pub upstream_connect_timeout: Duration,
+}
+
+/// `DEFAULT_URL`, taken apart. An `http://` URL is proxied, as the original did; an
+/// `https://` one is redirected to, since the proxy speaks plain HTTP to its upstreams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultUrl {
+    pub url: String,
+    pub https: bool,
+    /// `host:port`, the port filled in from the scheme.
+    pub authority: String,
+    /// The host as the `Host` header names it.
+    pub host_header: String,
+}
+
+impl DefaultUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (https, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err(format!("`{url}` must start with http:// or https://"));
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.is_empty() || authority.contains('@') {
+            return Err(format!(
+                "`{url}` has no host (write it like http://intranet.example:8080)"
+            ));
+        }
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let full = if has_port {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{}", if https { 443 } else { 80 })
+        };
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            https,
+            authority: full,
+            host_header: authority.to_owned(),
+        })
+    }
 }
 
 /// One kind of workspace: how to start it, reach it, and tell its users' activity apart.
@@ -266,10 +322,11 @@ fn check_top_level_keys(text: &str) -> Result<(), ConfigError> {
             )),
         };
     };
-    let pingora_keys = serde_yaml::to_value(pingora_core::server::configuration::ServerConf::default())
-        .ok()
-        .and_then(|v| v.as_mapping().cloned())
-        .unwrap_or_default();
+    let pingora_keys =
+        serde_yaml::to_value(pingora_core::server::configuration::ServerConf::default())
+            .ok()
+            .and_then(|v| v.as_mapping().cloned())
+            .unwrap_or_default();
     for key in map.keys() {
         let name = key.as_str().unwrap_or_default();
         let ours = matches!(name, "pool" | "provider" | "api" | "proxy" | "purposes");
@@ -298,7 +355,10 @@ where
     }
 }
 
-fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn build(
+    mut file: FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
     // Environment overrides, with the original deployment's names.
     if let Some(v) = parse_env(env, "MIN_FREE_INSTANCES", "pool.min_free_instances")? {
         file.pool.min_free_instances = v;
@@ -396,7 +456,10 @@ fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<C
         invalid(
             "api.listen",
             Some("API_LISTEN"),
-            format!("`{}` is not host:port with an IP address, like 127.0.0.1:3001", file.api.listen),
+            format!(
+                "`{}` is not host:port with an IP address, like 127.0.0.1:3001",
+                file.api.listen
+            ),
         )
     })?;
     let api_token = file.api.token.filter(|t| !t.is_empty());
@@ -411,7 +474,10 @@ fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<C
         invalid(
             "proxy.listen",
             Some("PORT"),
-            format!("`{}` is not host:port with an IP address, like 127.0.0.1:8081", file.proxy.listen),
+            format!(
+                "`{}` is not host:port with an IP address, like 127.0.0.1:8081",
+                file.proxy.listen
+            ),
         )
     })?;
     let public_url = match file.proxy.public_url {
@@ -426,6 +492,13 @@ fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<C
             url.trim_end_matches('/').to_owned()
         }
         None => format!("http://{proxy_listen}"),
+    };
+    let default_url = match &file.proxy.default_url {
+        Some(url) if !url.is_empty() => Some(
+            DefaultUrl::parse(url)
+                .map_err(|problem| invalid("proxy.default_url", Some("DEFAULT_URL"), problem))?,
+        ),
+        _ => None,
     };
     if let Some(url) = &file.proxy.service_url {
         log::info!("SERVICE_URL={url} is accepted for compatibility and not needed: the pool and the proxy are one process now");
@@ -513,14 +586,24 @@ fn build(mut file: FileConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<C
         proxy: ProxyConfig {
             listen: proxy_listen,
             public_url,
-            default_url: file.proxy.default_url,
+            default_url,
             route_to_replace: file.proxy.route_to_replace,
             string_to_replace: file.proxy.string_to_replace,
+            downstream_read_timeout: optional_ms(file.proxy.downstream_read_timeout_ms),
+            websocket_idle_timeout: optional_ms(file.proxy.websocket_idle_timeout_ms),
+            upstream_connect_timeout: Duration::from_millis(
+                file.proxy.upstream_connect_timeout_ms.max(1),
+            ),
         },
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
         reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
     })
+}
+
+/// 0 means "no timeout".
+fn optional_ms(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 fn check_limits(limits: Limits, key: &'static str, env: Option<&str>) -> Result<(), ConfigError> {
@@ -588,7 +671,9 @@ mod tests {
 
     #[test]
     fn the_shipped_local_yaml_is_the_embedded_default() {
-        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/local.yaml")).unwrap();
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/local.yaml"))
+                .unwrap();
         assert_eq!(shipped, EMBEDDED_DEFAULT);
     }
 
@@ -607,35 +692,76 @@ mod tests {
         )
         .unwrap();
         let rstudio = &c.purposes["rstudio"];
-        assert_eq!(rstudio.limits, Limits { min_free: 5, max: 60 });
+        assert_eq!(
+            rstudio.limits,
+            Limits {
+                min_free: 5,
+                max: 60
+            }
+        );
         assert_eq!(rstudio.idle_timeout, Duration::from_millis(1500));
         assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.api.listen.to_string(), "127.0.0.1:4000");
-        assert!(matches!(&c.provider, ProviderConfig::Process { state_dir } if state_dir == &PathBuf::from("/tmp/x")));
+        assert!(
+            matches!(&c.provider, ProviderConfig::Process { state_dir } if state_dir == &PathBuf::from("/tmp/x"))
+        );
     }
 
     #[test]
     fn bad_values_name_the_key_and_the_fix() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             ("", &[("MAX_INSTANCES", "many")], "MAX_INSTANCES"),
-            ("", &[("MIN_FREE_INSTANCES", "9"), ("MAX_INSTANCES", "3")], "lower MIN_FREE_INSTANCES"),
+            (
+                "",
+                &[("MIN_FREE_INSTANCES", "9"), ("MAX_INSTANCES", "3")],
+                "lower MIN_FREE_INSTANCES",
+            ),
             ("", &[("MAX_INSTANCES", "0")], "at least 1"),
             ("", &[("PROVIDER", "docker")], "use `process` or `ec2`"),
             ("", &[("API_LISTEN", "0.0.0.0:3001")], "bearer token"),
             ("", &[("API_LISTEN", "localhost")], "api.listen"),
             ("pool:\n  min_fre_instances: 3\n", &[], "min_fre_instances"),
-            ("pol:\n  max_instances: 3\n", &[], "unknown top-level key `pol`"),
+            (
+                "pol:\n  max_instances: 3\n",
+                &[],
+                "unknown top-level key `pol`",
+            ),
             ("pool: [1, 2]\n", &[], "pool"),
         ];
         for (yaml, env, expected) in cases {
-            let err = Config::from_yaml(yaml, &env_of(env)).unwrap_err().to_string();
-            assert!(err.contains(expected), "{yaml:?} {env:?}: `{err}` lacks `{expected}`");
+            let err = Config::from_yaml(yaml, &env_of(env))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(expected),
+                "{yaml:?} {env:?}: `{err}` lacks `{expected}`"
+            );
         }
     }
 
     #[test]
+    fn default_urls_are_taken_apart() {
+        let d = DefaultUrl::parse("http://intranet.example/portal/").unwrap();
+        assert_eq!(
+            (d.https, d.authority.as_str(), d.host_header.as_str()),
+            (false, "intranet.example:80", "intranet.example")
+        );
+        assert_eq!(d.url, "http://intranet.example/portal");
+        let d = DefaultUrl::parse("https://10.0.0.1:8443").unwrap();
+        assert_eq!((d.https, d.authority.as_str()), (true, "10.0.0.1:8443"));
+        assert!(DefaultUrl::parse("ftp://x").is_err());
+        assert!(DefaultUrl::parse("http://").is_err());
+        let err = Config::from_yaml("", &env_of(&[("DEFAULT_URL", "intranet")])).unwrap_err();
+        assert!(err.to_string().contains("DEFAULT_URL"), "{err}");
+    }
+
+    #[test]
     fn pingora_keys_are_allowed_beside_ours() {
-        let c = Config::from_yaml("version: 1\nthreads: 4\ngrace_period_seconds: 1\n", &env_of(&[]));
+        let c = Config::from_yaml(
+            "version: 1\nthreads: 4\ngrace_period_seconds: 1\n",
+            &env_of(&[]),
+        );
         assert!(c.is_ok(), "{c:?}");
     }
 

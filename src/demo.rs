@@ -88,7 +88,10 @@ fn redirect(location: &str) -> Reply {
     response
 }
 
-async fn handle(mut req: Request<Incoming>, options: Arc<DemoOptions>) -> Result<Reply, Infallible> {
+async fn handle(
+    mut req: Request<Incoming>,
+    options: Arc<DemoOptions>,
+) -> Result<Reply, Infallible> {
     let root = req
         .headers()
         .get("x-rstudio-root-path")
@@ -162,7 +165,9 @@ async fn handle(mut req: Request<Incoming>, options: Arc<DemoOptions>) -> Result
                 .map(|(k, v)| {
                     (
                         k.as_str().to_owned(),
-                        serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                        serde_json::Value::String(
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        ),
                     )
                 })
                 .collect();
@@ -188,10 +193,18 @@ fn upgrade(req: &mut Request<Incoming>) -> Reply {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-        return reply(StatusCode::BAD_REQUEST, "text/plain", "expected a WebSocket upgrade\n");
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "expected a WebSocket upgrade\n",
+        );
     };
     if !is_upgrade {
-        return reply(StatusCode::BAD_REQUEST, "text/plain", "expected a WebSocket upgrade\n");
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "expected a WebSocket upgrade\n",
+        );
     }
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
@@ -213,8 +226,14 @@ fn upgrade(req: &mut Request<Incoming>) -> Reply {
     let mut response = reply(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
     let headers = response.headers_mut();
     headers.remove(http::header::CONTENT_TYPE);
-    headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
-    headers.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
     if let Ok(v) = derive_accept_key(key.as_bytes()).parse() {
         headers.insert("sec-websocket-accept", v);
     }

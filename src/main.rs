@@ -21,7 +21,11 @@ use rstudio_pool::service::manager::PoolManager;
 use rstudio_pool::service::proxy::EdgeProxy;
 
 #[derive(Debug, Parser)]
-#[command(name = "rstudio-pool", version, about = "A pool of on-demand workspaces behind one edge proxy")]
+#[command(
+    name = "rstudio-pool",
+    version,
+    about = "A pool of on-demand workspaces behind one edge proxy"
+)]
 struct Cli {
     /// The configuration file; without it, the embedded default (conf/local.yaml) runs.
     #[arg(short = 'c', long = "conf")]
@@ -62,8 +66,11 @@ fn main() {
     let env = |name: &str| std::env::var(name).ok();
     let (config, text) = Config::load(cli.conf.as_deref(), &env)
         .unwrap_or_else(|e| fail(&format!("configuration error: {e}")));
-    let server_conf = ServerConf::from_yaml(&text)
-        .unwrap_or_else(|e| fail(&format!("configuration error in Pingora's server keys: {e}")));
+    let server_conf = ServerConf::from_yaml(&text).unwrap_or_else(|e| {
+        fail(&format!(
+            "configuration error in Pingora's server keys: {e}"
+        ))
+    });
     if cli.test {
         println!(
             "configuration {} is valid: purposes {:?}, command API on {}, proxy on {}",
@@ -91,9 +98,9 @@ fn main() {
                 }),
             )
         }
-        ProviderConfig::Ec2(_) => fail(
-            "PROVIDER=ec2 is not available in this build yet; use PROVIDER=process",
-        ),
+        ProviderConfig::Ec2(_) => {
+            fail("PROVIDER=ec2 is not available in this build yet; use PROVIDER=process")
+        }
     };
     let manager = PoolManager::new(
         provider,
@@ -133,9 +140,7 @@ fn main() {
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        EdgeProxy {
-            manager: Arc::clone(&manager),
-        },
+        EdgeProxy::new(Arc::clone(&manager), config.proxy.clone()),
         "edge proxy",
     );
     proxy.add_tcp(&config.proxy.listen.to_string());

@@ -15,7 +15,9 @@ pub fn token_matches(presented: &[u8], expected: &[u8]) -> bool {
 
 /// The token of an `Authorization: Bearer <token>` header value.
 pub fn bearer(header: &[u8]) -> Option<&[u8]> {
-    let rest = header.strip_prefix(b"Bearer ").or_else(|| header.strip_prefix(b"bearer "))?;
+    let rest = header
+        .strip_prefix(b"Bearer ")
+        .or_else(|| header.strip_prefix(b"bearer "))?;
     let trimmed = rest.trim_ascii();
     (!trimmed.is_empty()).then_some(trimmed)
 }

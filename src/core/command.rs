@@ -13,16 +13,24 @@ pub enum Command {
         purpose: Option<String>,
     },
     /// `GET_STATUS` without an instance lists the assigned instances.
-    GetStatus { instance: Option<InstanceId> },
-    Delete { instance: InstanceId },
+    GetStatus {
+        instance: Option<InstanceId>,
+    },
+    Delete {
+        instance: InstanceId,
+    },
 }
 
 /// A request the caller must fix; always a 400.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
-    #[error("the body is not valid JSON ({0}): send {{\"command\": \"...\", \"payload\": {{...}}}}")]
+    #[error(
+        "the body is not valid JSON ({0}): send {{\"command\": \"...\", \"payload\": {{...}}}}"
+    )]
     Malformed(String),
-    #[error("the body must be a JSON object like {{\"command\": \"GET_STATUS\", \"payload\": {{}}}}")]
+    #[error(
+        "the body must be a JSON object like {{\"command\": \"GET_STATUS\", \"payload\": {{}}}}"
+    )]
     NotAnObject,
     #[error("`command` is missing: use REQUEST_RSTUDIO, GET_STATUS or DELETE")]
     MissingCommand,
@@ -76,12 +84,12 @@ pub fn decode(body: &[u8]) -> Result<Command, CommandError> {
                     message: e.to_string(),
                 })?,
                 // The original callers may send numeric ids; they are ids all the same.
-                Some(Value::Number(n)) => UserId::parse(&n.to_string()).map_err(|e| {
-                    CommandError::Invalid {
+                Some(Value::Number(n)) => {
+                    UserId::parse(&n.to_string()).map_err(|e| CommandError::Invalid {
                         field: "userId",
                         message: e.to_string(),
-                    }
-                })?,
+                    })?
+                }
                 Some(_) => return Err(CommandError::WrongType("userId", "a string")),
             };
             let purpose = match payload.get("purpose") {
@@ -110,12 +118,14 @@ fn optional_instance(
 ) -> Result<Option<InstanceId>, CommandError> {
     match payload.get("instanceId") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => InstanceId::parse(s)
-            .map(Some)
-            .map_err(|e| CommandError::Invalid {
-                field: "instanceId",
-                message: e.to_string(),
-            }),
+        Some(Value::String(s)) => {
+            InstanceId::parse(s)
+                .map(Some)
+                .map_err(|e| CommandError::Invalid {
+                    field: "instanceId",
+                    message: e.to_string(),
+                })
+        }
         Some(_) => Err(CommandError::WrongType("instanceId", "a string")),
     }
 }
@@ -160,7 +170,9 @@ mod tests {
             Ok(Command::GetStatus { instance: None })
         );
         assert_eq!(
-            decode(format!(r#"{{"command":"DELETE","payload":{{"instanceId":"{ID}"}}}}"#).as_bytes()),
+            decode(
+                format!(r#"{{"command":"DELETE","payload":{{"instanceId":"{ID}"}}}}"#).as_bytes()
+            ),
             Ok(Command::Delete {
                 instance: InstanceId::parse(ID).unwrap()
             })
@@ -177,13 +189,34 @@ mod tests {
             (b"{}", "`command` is missing"),
             (br#"{"command":"REBOOT"}"#, "unknown command `REBOOT`"),
             (br#"{"command":7}"#, "unknown command `7`"),
-            (br#"{"command":"REQUEST_RSTUDIO","payload":[]}"#, "must be a JSON object"),
-            (br#"{"command":"REQUEST_RSTUDIO","payload":{}}"#, "`payload.userId` is missing"),
-            (br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":{}}}"#, "must be a string"),
-            (br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":""}}"#, "userId is empty"),
-            (br#"{"command":"DELETE","payload":{}}"#, "`payload.instanceId` is missing"),
-            (br#"{"command":"DELETE","payload":{"instanceId":"../etc"}}"#, "not an instance id"),
-            (br#"{"command":"GET_STATUS","payload":{"instanceId":5}}"#, "must be a string"),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":[]}"#,
+                "must be a JSON object",
+            ),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{}}"#,
+                "`payload.userId` is missing",
+            ),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":{}}}"#,
+                "must be a string",
+            ),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":""}}"#,
+                "userId is empty",
+            ),
+            (
+                br#"{"command":"DELETE","payload":{}}"#,
+                "`payload.instanceId` is missing",
+            ),
+            (
+                br#"{"command":"DELETE","payload":{"instanceId":"../etc"}}"#,
+                "not an instance id",
+            ),
+            (
+                br#"{"command":"GET_STATUS","payload":{"instanceId":5}}"#,
+                "must be a string",
+            ),
             (nested.as_bytes(), "not valid JSON"),
         ];
         for (body, expected) in cases {

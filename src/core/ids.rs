@@ -176,7 +176,9 @@ mod tests {
 
     #[test]
     fn long_bad_ids_are_shortened_in_messages() {
-        let err = InstanceId::parse(&"z".repeat(10_000)).unwrap_err().to_string();
+        let err = InstanceId::parse(&"z".repeat(10_000))
+            .unwrap_err()
+            .to_string();
         assert!(err.len() < 200, "{err}");
     }
 }

@@ -8,3 +8,4 @@ pub mod auth;
 pub mod command;
 pub mod ids;
 pub mod pool;
+pub mod route;

@@ -344,7 +344,10 @@ impl Pool {
                         return Err(format!("I1: {user} holds {other} and {id}"));
                     }
                     if self.holdings.get(user) != Some(&Holding::Instance(id.clone())) {
-                        return Err(format!("{user} owns {id} but holds {:?}", self.holdings.get(user)));
+                        return Err(format!(
+                            "{user} owns {id} but holds {:?}",
+                            self.holdings.get(user)
+                        ));
                     }
                 }
             }
@@ -352,10 +355,15 @@ impl Pool {
         for (ticket, owner) in &self.pending {
             if let Some(user) = owner {
                 if owners.contains_key(user) {
-                    return Err(format!("I1: {user} holds an instance and launch {ticket:?}"));
+                    return Err(format!(
+                        "I1: {user} holds an instance and launch {ticket:?}"
+                    ));
                 }
                 if self.holdings.get(user) != Some(&Holding::Pending(*ticket)) {
-                    return Err(format!("{user} waits for {ticket:?} but holds {:?}", self.holdings.get(user)));
+                    return Err(format!(
+                        "{user} waits for {ticket:?} but holds {:?}",
+                        self.holdings.get(user)
+                    ));
                 }
             }
         }
@@ -372,7 +380,11 @@ impl Pool {
             }
         }
         if self.live() > self.limits.max {
-            return Err(format!("I3: {} live > max {}", self.live(), self.limits.max));
+            return Err(format!(
+                "I3: {} live > max {}",
+                self.live(),
+                self.limits.max
+            ));
         }
         Ok(())
     }
@@ -458,13 +470,22 @@ mod tests {
     #[test]
     fn adoption_keeps_one_instance_per_user_and_respects_max() {
         let mut p = pool(0, 2);
-        assert_eq!(p.adopt(id(1), Some(user(1)), Phase::Ready), Adoption::Adopted);
+        assert_eq!(
+            p.adopt(id(1), Some(user(1)), Phase::Ready),
+            Adoption::Adopted
+        );
         assert_eq!(p.adopt(id(1), Some(user(1)), Phase::Ready), Adoption::Known);
-        assert_eq!(p.adopt(id(2), Some(user(1)), Phase::Ready), Adoption::Surplus);
+        assert_eq!(
+            p.adopt(id(2), Some(user(1)), Phase::Ready),
+            Adoption::Surplus
+        );
         assert_eq!(p.adopt(id(3), None, Phase::Launching), Adoption::Adopted);
         assert_eq!(p.adopt(id(4), None, Phase::Launching), Adoption::Surplus);
         // An owned instance is kept even over max: it is somebody's session.
-        assert_eq!(p.adopt(id(5), Some(user(2)), Phase::Ready), Adoption::Adopted);
+        assert_eq!(
+            p.adopt(id(5), Some(user(2)), Phase::Ready),
+            Adoption::Adopted
+        );
         assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(1))));
     }
 
@@ -476,9 +497,14 @@ mod tests {
             p.launched(*ticket, id(n as u128)).unwrap();
         }
         p.request(&user(1)).unwrap();
-        let surplus = p.set_limits(Limits { min_free: 0, max: 1 });
+        let surplus = p.set_limits(Limits {
+            min_free: 0,
+            max: 1,
+        });
         assert_eq!(surplus.len(), 2);
-        assert!(surplus.iter().all(|i| p.instance(i).unwrap().owner.is_none()));
+        assert!(surplus
+            .iter()
+            .all(|i| p.instance(i).unwrap().owner.is_none()));
     }
 
     /// One step of the random walk: indexes pick among what exists at that moment.

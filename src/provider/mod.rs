@@ -21,13 +21,19 @@ pub const TAG_USER: &str = "userId";
 pub const TAG_POOL: &str = "rstudio-pool";
 /// The human-readable name of an instance.
 pub const TAG_NAME: &str = "Name";
+/// When the instance was assigned to its user, in milliseconds since the Unix epoch.
+pub const TAG_ASSIGNED_AT: &str = "assignedAt";
+/// The user's last activity seen by the proxy (ms since the epoch), saved now and then so
+/// that idle deadlines survive a restart.
+pub const TAG_LAST_ACTIVITY: &str = "lastActivity";
 
 /// What to launch.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub purpose: String,
-    /// Set when the launch is for a user who asked and found no free instance.
-    pub owner: Option<UserId>,
+    /// Tags beyond those every instance gets (purpose, pool, name): the owner's, when the
+    /// launch is for a user who asked and found no free instance.
+    pub tags: Vec<(String, String)>,
 }
 
 /// The provider's view of an instance's life.
@@ -55,6 +61,11 @@ pub struct InstanceRecord {
 }
 
 impl InstanceRecord {
+    /// A tag holding milliseconds since the epoch; absent or unreadable is `None`.
+    pub fn time_tag(&self, key: &str) -> Option<u64> {
+        self.tags.get(key).and_then(|v| v.parse().ok())
+    }
+
     pub fn purpose(&self) -> Option<&str> {
         self.tags.get(TAG_PURPOSE).map(String::as_str)
     }
@@ -94,8 +105,12 @@ pub trait Provider: Send + Sync {
     /// Every live instance of this pool (not terminated), with its tags.
     async fn list(&self) -> Result<Vec<InstanceRecord>, ProviderError>;
 
-    /// Records the owner of an instance in its tags.
-    async fn set_owner(&self, id: &InstanceId, user: &UserId) -> Result<(), ProviderError>;
+    /// Adds or replaces tags of an instance (its owner, its last activity).
+    async fn set_tags(
+        &self,
+        id: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), ProviderError>;
 
     /// Stops an instance for good. Terminating an instance that is already gone succeeds.
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError>;

@@ -8,7 +8,7 @@
 //! After a restart of rstudio-pool, [`Provider::list`] re-adopts the processes that still run
 //! and forgets the dead ones.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_NAME, TAG_POOL,
-    TAG_PURPOSE, TAG_USER,
+    TAG_PURPOSE,
 };
-use crate::core::ids::{InstanceId, UserId};
+use crate::core::ids::InstanceId;
 
 /// How long a workspace gets to exit after SIGTERM before its group is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -81,6 +81,9 @@ pub struct Inner {
     exe: String,
     /// Processes this run spawned, kept so that their exit is reaped (no zombies).
     children: Mutex<HashMap<String, Child>>,
+    /// Ports handed to live workspaces. A port is free to the kernel from the moment we probe
+    /// it until the workspace binds it; this set keeps two launches from getting the same one.
+    ports: Mutex<HashSet<u16>>,
 }
 
 impl ProcessProvider {
@@ -92,6 +95,8 @@ impl ProcessProvider {
     ) -> io::Result<Self> {
         std::fs::create_dir_all(state_dir.join("instances"))?;
         std::fs::create_dir_all(state_dir.join("work"))?;
+        std::fs::create_dir_all(state_dir.join("logs"))?;
+        std::fs::create_dir_all(state_dir.join("tmp"))?;
         let state_dir = state_dir.canonicalize()?;
         let exe = std::env::current_exe()?.to_string_lossy().into_owned();
         Ok(Self {
@@ -101,6 +106,7 @@ impl ProcessProvider {
                 commands,
                 exe,
                 children: Mutex::new(HashMap::new()),
+                ports: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -111,13 +117,38 @@ impl Inner {
         self.state_dir.join("instances").join(format!("{id}.json"))
     }
 
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("logs").join(format!("{id}.log"))
+    }
+
+    fn lock_ports(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reserve_port(&self) -> io::Result<u16> {
+        for _ in 0..32 {
+            let port = free_port()?;
+            if self.lock_ports().insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(io::Error::other(
+            "every port the kernel offered is reserved by another workspace",
+        ))
+    }
+
     fn work_dir(&self) -> PathBuf {
         self.state_dir.join("work")
     }
 
     fn write_record(&self, record: &Record) -> io::Result<()> {
         let path = self.record_path(&record.id);
-        let tmp = path.with_extension("json.tmp");
+        // Written beside, then renamed in: a reader sees the old record or the new one, and
+        // the listed folder never holds half-written files.
+        let tmp = self
+            .state_dir
+            .join("tmp")
+            .join(format!("{}.json", record.id));
         std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
         std::fs::rename(tmp, path)
     }
@@ -138,29 +169,50 @@ impl Inner {
                 spec.purpose
             ))
         })?;
+        if template.0.is_empty() {
+            return Err(fail("the command is empty".into()));
+        }
         let id = InstanceId::from_bits(rand::random());
-        let port = free_port().map_err(|e| fail(format!("no free loopback port: {e}")))?;
-        let argv = template.render(&self.exe, port, &id);
-        let (program, args) = argv
-            .split_first()
-            .ok_or_else(|| fail("the command is empty".into()))?;
         let work = self.work_dir().join(id.as_str());
         std::fs::create_dir_all(&work).map_err(|e| fail(format!("{}: {e}", work.display())))?;
-        let log = std::fs::File::create(work.join("workspace.log"))
+        // The log outlives the instance, so that a workspace that died can be diagnosed.
+        let log = std::fs::File::create(self.log_path(id.as_str()))
             .map_err(|e| fail(format!("cannot create the workspace log: {e}")))?;
         let log_err = log
             .try_clone()
             .map_err(|e| fail(format!("cannot create the workspace log: {e}")))?;
+        let port = self
+            .reserve_port()
+            .map_err(|e| fail(format!("no free loopback port: {e}")))?;
+        let argv = template.render(&self.exe, port, &id);
+        let (program, args) = argv.split_first().expect("checked non-empty above");
 
         let mut tags = BTreeMap::new();
         tags.insert(TAG_PURPOSE.to_owned(), spec.purpose.clone());
         tags.insert(TAG_POOL.to_owned(), self.pool_name.clone());
-        tags.insert(TAG_NAME.to_owned(), format!("{}-{}", self.pool_name, spec.purpose));
-        if let Some(user) = &spec.owner {
-            tags.insert(TAG_USER.to_owned(), user.as_str().to_owned());
+        tags.insert(
+            TAG_NAME.to_owned(),
+            format!("{}-{}", self.pool_name, spec.purpose),
+        );
+        for (k, v) in &spec.tags {
+            tags.insert(k.clone(), v.clone());
         }
 
-        let child = {
+        // The record exists before the process does, so that a listing never finds the
+        // process without it; pid 0 marks a launch in progress.
+        let mut record = Record {
+            id: id.as_str().to_owned(),
+            pid: 0,
+            start_ticks: 0,
+            port,
+            launched_at_ms: now_ms(),
+            tags,
+        };
+        if let Err(e) = self.write_record(&record) {
+            self.lock_ports().remove(&port);
+            return Err(fail(format!("cannot write the instance record: {e}")));
+        }
+        let spawned = {
             use std::os::unix::process::CommandExt;
             Command::new(program)
                 .args(args)
@@ -173,24 +225,27 @@ impl Inner {
                 // so that it outlives a crash of rstudio-pool.
                 .process_group(0)
                 .spawn()
-                .map_err(|e| fail(format!("cannot start `{program}`: {e}")))?
         };
-        let pid = child.id();
-        let start_ticks = read_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
-        let record = Record {
-            id: id.as_str().to_owned(),
-            pid,
-            start_ticks,
-            port,
-            launched_at_ms: now_ms(),
-            tags,
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                self.forget(id.as_str());
+                return Err(fail(format!("cannot start `{program}`: {e}")));
+            }
         };
+        record.pid = child.id();
+        record.start_ticks = read_stat(record.pid).map(|s| s.start_ticks).unwrap_or(0);
+        let pid = record.pid;
         if let Err(e) = self.write_record(&record) {
             kill_group(pid, libc::SIGKILL);
+            self.forget(id.as_str());
             return Err(fail(format!("cannot write the instance record: {e}")));
         }
         self.lock_children().insert(record.id.clone(), child);
-        info!("launched {id} ({}) as pid {pid} on port {port}", spec.purpose);
+        info!(
+            "launched {id} ({}) as pid {pid} on port {port}",
+            spec.purpose
+        );
         Ok(to_instance(&record))
     }
 
@@ -201,6 +256,10 @@ impl Inner {
 
     /// Whether the process of `record` still runs (and is the same process).
     fn is_alive(&self, record: &Record) -> bool {
+        if record.pid == 0 {
+            // A launch in progress (or one that died between its two record writes).
+            return now_ms().saturating_sub(record.launched_at_ms) < 60_000;
+        }
         if let Some(child) = self.lock_children().get_mut(&record.id) {
             if !matches!(child.try_wait(), Ok(None)) {
                 return false;
@@ -217,6 +276,9 @@ impl Inner {
     }
 
     fn list_blocking(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
+        // Processes first, records second: a record is written before its process starts, so
+        // every process seen here has its record by the time the records are read.
+        let leaders = group_leaders_under(&self.work_dir());
         let dir = self.state_dir.join("instances");
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| ProviderError::Other(format!("cannot read {}: {e}", dir.display())))?;
@@ -236,14 +298,18 @@ impl Inner {
             };
             known.insert(record.id.clone());
             if self.is_alive(&record) {
+                self.lock_ports().insert(record.port);
                 live.push(to_instance(&record));
             } else {
-                info!("instance {} (pid {}) is gone; forgetting it", record.id, record.pid);
+                info!(
+                    "instance {} (pid {}) is gone; forgetting it",
+                    record.id, record.pid
+                );
                 self.forget(&record.id);
             }
         }
         // Processes without a record: report them with no tags, so the pool terminates them.
-        for (pid, id) in group_leaders_under(&self.work_dir()) {
+        for (pid, id) in leaders {
             if known.contains(&id) {
                 continue;
             }
@@ -263,6 +329,9 @@ impl Inner {
     }
 
     fn forget(&self, id: &str) {
+        if let Ok(record) = self.read_record(id) {
+            self.lock_ports().remove(&record.port);
+        }
         self.lock_children().remove(id);
         let _ = std::fs::remove_file(self.record_path(id));
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
@@ -329,7 +398,11 @@ impl Provider for ProcessProvider {
             .map_err(|e| ProviderError::Other(format!("list task failed: {e}")))?
     }
 
-    async fn set_owner(&self, id: &InstanceId, user: &UserId) -> Result<(), ProviderError> {
+    async fn set_tags(
+        &self,
+        id: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), ProviderError> {
         let mut record = self.read_record(id.as_str()).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 ProviderError::NotFound(id.clone())
@@ -337,9 +410,9 @@ impl Provider for ProcessProvider {
                 ProviderError::Other(format!("record of {id}: {e}"))
             }
         })?;
-        record
-            .tags
-            .insert(TAG_USER.to_owned(), user.as_str().to_owned());
+        for (k, v) in tags {
+            record.tags.insert(k.clone(), v.clone());
+        }
         self.write_record(&record)
             .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
     }
@@ -354,7 +427,11 @@ fn to_instance(record: &Record) -> InstanceRecord {
         // Records are written by us with valid ids; a hand-edited one falls back to a fresh
         // id, which makes the pool terminate it as unknown.
         id: InstanceId::parse(&record.id).unwrap_or_else(|_| InstanceId::from_bits(0)),
-        state: ProviderState::Running,
+        state: if record.pid == 0 {
+            ProviderState::Pending
+        } else {
+            ProviderState::Running
+        },
         tags: record.tags.clone(),
         address: Some(format!("127.0.0.1:{}", record.port)),
         launched_at_ms: record.launched_at_ms,
@@ -372,7 +449,9 @@ pub fn now_ms() -> u64 {
 /// A loopback port nobody listens on right now. The workspace binds it a moment later; a
 /// collision in between shows up as a workspace that never gets ready, which is replaced.
 fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Stat {

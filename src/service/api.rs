@@ -137,9 +137,7 @@ impl CommandApi {
                     "pools": self.manager.census(),
                 }),
             ),
-            Command::GetStatus {
-                instance: Some(id),
-            } => match self.manager.instance(&id) {
+            Command::GetStatus { instance: Some(id) } => match self.manager.instance(&id) {
                 Some(view) => {
                     let mut out = Map::new();
                     // Tags first, so that the fields below win over a tag of the same name.
@@ -154,8 +152,14 @@ impl CommandApi {
                     out.insert("keyName".into(), json!(view.record.key_name));
                     out.insert(TAG_PURPOSE.into(), json!(view.purpose));
                     out.insert("purpose".into(), json!(view.purpose));
-                    out.insert(TAG_USER.into(), json!(view.owner.as_ref().map(|u| u.as_str())));
-                    out.insert("state".into(), json!(format!("{:?}", view.phase).to_lowercase()));
+                    out.insert(
+                        TAG_USER.into(),
+                        json!(view.owner.as_ref().map(|u| u.as_str())),
+                    );
+                    out.insert(
+                        "state".into(),
+                        json!(format!("{:?}", view.phase).to_lowercase()),
+                    );
                     out.insert("proxyUrl".into(), json!(self.manager.user_url(&view.id)));
                     (StatusCode::OK, json!({ "instance": out }))
                 }
@@ -208,6 +212,8 @@ impl ServeHttp for CommandApi {
         if status == StatusCode::UNAUTHORIZED {
             response = response.header(http::header::WWW_AUTHENTICATE, "Bearer");
         }
-        response.body(bytes).unwrap_or_else(|_| Response::new(Vec::new()))
+        response
+            .body(bytes)
+            .unwrap_or_else(|_| Response::new(Vec::new()))
     }
 }

@@ -7,7 +7,7 @@
 //! calls happen outside it; their outcomes are fed back into the pools under it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,10 +20,17 @@ use crate::config::Purpose;
 use crate::core::ids::{InstanceId, UserId};
 use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
 use crate::provider::process::now_ms;
-use crate::provider::{InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState};
+use crate::provider::{
+    InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_ASSIGNED_AT,
+    TAG_LAST_ACTIVITY, TAG_USER,
+};
 
 /// How long a caller waits for a launch someone else started for the same user.
 const PENDING_WAIT: Duration = Duration::from_secs(120);
+/// Listings in a row that must miss an instance before the pool believes it is gone.
+const MISSES_BEFORE_GONE: u32 = 3;
+/// How long a terminated instance is not adopted back from a listing.
+const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 /// How long a command waits for the pool to be rebuilt from the provider after a start.
 const RECOVERY_WAIT: Duration = Duration::from_secs(20);
 
@@ -37,9 +44,14 @@ pub enum ManagerError {
     Provider(#[from] ProviderError),
     #[error("the launch of an instance for this user failed: {0}")]
     LaunchFailed(String),
-    #[error("the pool is still being rebuilt from the provider after a start; retry in a few seconds")]
+    #[error(
+        "the pool is still being rebuilt from the provider after a start; retry in a few seconds"
+    )]
     Recovering,
 }
+
+/// How a launch ended: the new instance, or the reason it failed in words for the caller.
+type LaunchOutcome = Result<InstanceId, String>;
 
 /// What `REQUEST_RSTUDIO` answers.
 #[derive(Debug, Clone, Serialize)]
@@ -65,35 +77,87 @@ pub struct InstanceView {
     pub record: InstanceRecord,
 }
 
-/// Where the proxy sends the traffic of one instance, and to whom it belongs.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub purpose: String,
+/// What the proxy needs to serve one instance: where it is, whose it is, how its purpose is
+/// proxied, and the clock of its user's activity. Cached per instance and invalidated by the
+/// manager whenever the instance changes (ready, released, gone).
+#[derive(Debug)]
+pub struct Upstream {
+    pub purpose: Arc<Purpose>,
+    /// `host:port` of the workspace, when known.
     pub address: Option<String>,
     pub owner: Option<UserId>,
     pub ready: bool,
+    /// The user's last activity in ms since the epoch; the proxy moves it, the idle reaper
+    /// reads it. Shared, lock-free.
+    pub activity: Arc<AtomicU64>,
+}
+
+impl Upstream {
+    /// Records a user's activity now. Throttled to one store a second, so that a busy
+    /// connection does not bounce the cache line between cores on every chunk.
+    pub fn touch(&self, now_ms: u64) {
+        if now_ms >= self.activity.load(Ordering::Relaxed) + 1000 {
+            self.activity.store(now_ms, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the manager knows about an instance beyond the pool's view.
 struct Known {
     purpose: String,
     record: InstanceRecord,
+    /// When it was assigned (ms since the epoch), from its tag.
+    assigned_at: Option<u64>,
+    activity: Arc<AtomicU64>,
+    /// The last activity saved in the instance's tags.
+    saved_activity: u64,
+}
+
+impl Known {
+    fn new(purpose: String, record: InstanceRecord) -> Self {
+        let assigned_at = record.time_tag(TAG_ASSIGNED_AT);
+        let saved_activity = record.time_tag(TAG_LAST_ACTIVITY).unwrap_or(0);
+        Self {
+            purpose,
+            record,
+            assigned_at,
+            activity: Arc::new(AtomicU64::new(saved_activity)),
+            saved_activity,
+        }
+    }
+}
+
+/// The tags that make `user` the owner of an instance, assigned at `now`.
+fn owner_tags(user: &UserId, now: u64) -> Vec<(String, String)> {
+    vec![
+        (TAG_USER.to_owned(), user.as_str().to_owned()),
+        (TAG_ASSIGNED_AT.to_owned(), now.to_string()),
+    ]
 }
 
 struct State {
     pools: BTreeMap<String, Pool>,
     known: HashMap<InstanceId, Known>,
     /// Outcome channels of pending launches, for callers waiting on someone else's launch.
-    waits: HashMap<(String, Ticket), watch::Sender<Option<Result<InstanceId, String>>>>,
+    waits: HashMap<(String, Ticket), watch::Sender<Option<LaunchOutcome>>>,
     /// Consecutive failed launches per purpose, for backoff.
     failures: HashMap<String, u32>,
     /// No top-up launch of a purpose before this time (ms since the epoch).
     backoff_until: HashMap<String, u64>,
+    /// Consecutive listings that did not show a known instance. Listings are eventually
+    /// consistent (EC2's are, and a folder read while it changes can skip entries), so an
+    /// instance is forgotten only after several misses in a row.
+    misses: HashMap<InstanceId, u32>,
+    /// Instances we terminated, with when: a listing taken just before a termination still
+    /// shows them, and they must not be adopted back.
+    tombstones: HashMap<InstanceId, u64>,
 }
 
 pub struct PoolManager {
     provider: Arc<dyn Provider>,
-    purposes: BTreeMap<String, Purpose>,
+    purposes: BTreeMap<String, Arc<Purpose>>,
+    /// The proxy's view of each instance, so that a request takes no lock.
+    upstreams: moka::sync::Cache<InstanceId, Arc<Upstream>>,
     public_url: String,
     ready_timeout: Duration,
     state: Mutex<State>,
@@ -119,7 +183,15 @@ impl PoolManager {
             .collect();
         Arc::new(Self {
             provider,
-            purposes,
+            purposes: purposes
+                .into_iter()
+                .map(|(name, p)| (name, Arc::new(p)))
+                .collect(),
+            upstreams: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                // A safety net only: every change of an instance invalidates its entry.
+                .time_to_live(Duration::from_secs(30))
+                .build(),
             public_url,
             ready_timeout,
             state: Mutex::new(State {
@@ -128,6 +200,8 @@ impl PoolManager {
                 waits: HashMap::new(),
                 failures: HashMap::new(),
                 backoff_until: HashMap::new(),
+                misses: HashMap::new(),
+                tombstones: HashMap::new(),
             }),
             changed: Notify::new(),
             recovered: watch::channel(false).0,
@@ -141,7 +215,7 @@ impl PoolManager {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn purposes(&self) -> &BTreeMap<String, Purpose> {
+    pub fn purposes(&self) -> &BTreeMap<String, Arc<Purpose>> {
         &self.purposes
     }
 
@@ -149,7 +223,7 @@ impl PoolManager {
         self.provider.kind()
     }
 
-    fn purpose(&self, name: &str) -> Result<&Purpose, ManagerError> {
+    fn purpose(&self, name: &str) -> Result<&Arc<Purpose>, ManagerError> {
         self.purposes
             .get(name)
             .ok_or_else(|| ManagerError::UnknownPurpose {
@@ -203,7 +277,12 @@ impl PoolManager {
         let id = match grant {
             Grant::Held(id) => id,
             Grant::Assigned(id) => {
-                if let Err(e) = self.provider.set_owner(&id, user).await {
+                let now = now_ms();
+                if let Some(known) = self.lock().known.get_mut(&id) {
+                    known.assigned_at = Some(now);
+                }
+                self.upstreams.invalidate(&id);
+                if let Err(e) = self.provider.set_tags(&id, &owner_tags(user, now)).await {
                     // Without the tag a restart would see a free instance: never keep it.
                     error!("cannot record {user} as the owner of {id}: {e}; terminating it");
                     let _ = self.terminate(&id).await;
@@ -213,17 +292,20 @@ impl PoolManager {
                 self.changed.notify_one();
                 id
             }
-            Grant::Launch(ticket) => {
-                self.launch(purpose, ticket, Some(user.clone()))
-                    .await
-                    .map_err(ManagerError::LaunchFailed)?
-            }
+            Grant::Launch(ticket) => self
+                .launch(purpose, ticket, Some(user.clone()))
+                .await
+                .map_err(ManagerError::LaunchFailed)?,
             Grant::Pending(ticket) => self.wait_for_launch(purpose, ticket).await?,
         };
         Ok(self.assignment(&id, user, purpose))
     }
 
-    async fn wait_for_launch(&self, purpose: &str, ticket: Ticket) -> Result<InstanceId, ManagerError> {
+    async fn wait_for_launch(
+        &self,
+        purpose: &str,
+        ticket: Ticket,
+    ) -> Result<InstanceId, ManagerError> {
         let rx = self
             .lock()
             .waits
@@ -308,20 +390,29 @@ impl PoolManager {
         })
     }
 
-    /// Where the proxy sends traffic for `id`, if the pool knows it and it is not terminating.
-    pub fn route(&self, id: &InstanceId) -> Option<Route> {
-        let st = self.lock();
-        let known = st.known.get(id)?;
-        let instance = st.pools.get(&known.purpose)?.instance(id)?;
-        if instance.phase == Phase::Terminating {
-            return None;
+    /// What the proxy needs for `id`, if the pool knows it and it is not terminating. Served
+    /// from a cache that every change of the instance invalidates.
+    pub fn upstream(&self, id: &InstanceId) -> Option<Arc<Upstream>> {
+        if let Some(hit) = self.upstreams.get(id) {
+            return Some(hit);
         }
-        Some(Route {
-            purpose: known.purpose.clone(),
-            address: known.record.address.clone(),
-            owner: instance.owner.clone(),
-            ready: instance.phase == Phase::Ready,
-        })
+        let upstream = {
+            let st = self.lock();
+            let known = st.known.get(id)?;
+            let instance = st.pools.get(&known.purpose)?.instance(id)?;
+            if instance.phase == Phase::Terminating {
+                return None;
+            }
+            Arc::new(Upstream {
+                purpose: Arc::clone(self.purposes.get(&known.purpose)?),
+                address: known.record.address.clone(),
+                owner: instance.owner.clone(),
+                ready: instance.phase == Phase::Ready,
+                activity: Arc::clone(&known.activity),
+            })
+        };
+        self.upstreams.insert(id.clone(), Arc::clone(&upstream));
+        Some(upstream)
     }
 
     /// `DELETE`: terminates the instance; the pool tops up afterwards.
@@ -344,13 +435,22 @@ impl PoolManager {
                 pool.release(id)?;
             }
         }
+        // From here on the proxy answers 404 for it: never the old upstream.
+        self.upstreams.invalidate(id);
         self.provider.terminate(id).await?;
-        self.forget(id);
+        self.bury(id);
         self.changed.notify_one();
         Ok(())
     }
 
+    /// Forgets an instance we terminated, and remembers that we did.
+    fn bury(&self, id: &InstanceId) {
+        self.forget(id);
+        self.lock().tombstones.insert(id.clone(), now_ms());
+    }
+
     fn forget(&self, id: &InstanceId) {
+        self.upstreams.invalidate(id);
         let mut st = self.lock();
         if let Some(known) = st.known.remove(id) {
             if let Some(pool) = st.pools.get_mut(&known.purpose) {
@@ -363,11 +463,19 @@ impl PoolManager {
 
     /// Launches the instance of `ticket` and records the outcome. Returns the id, or the reason
     /// it failed in words for the caller.
-    async fn launch(&self, purpose: &str, ticket: Ticket, owner: Option<UserId>) -> Result<InstanceId, String> {
+    async fn launch(
+        &self,
+        purpose: &str,
+        ticket: Ticket,
+        owner: Option<UserId>,
+    ) -> Result<InstanceId, String> {
         self.launches_in_flight.fetch_add(1, Ordering::SeqCst);
         let spec = LaunchSpec {
             purpose: purpose.to_owned(),
-            owner: owner.clone(),
+            tags: owner
+                .as_ref()
+                .map(|user| owner_tags(user, now_ms()))
+                .unwrap_or_default(),
         };
         let result = self.provider.launch(&spec).await;
         let outcome = match result {
@@ -380,13 +488,11 @@ impl PoolManager {
                     match pool.launched(ticket, id.clone()) {
                         Ok(()) => {
                             let now_owner = pool.instance(&id).and_then(|i| i.owner.clone());
-                            st.known.insert(
-                                id.clone(),
-                                Known {
-                                    purpose: purpose.to_owned(),
-                                    record,
-                                },
-                            );
+                            let mut known = Known::new(purpose.to_owned(), record);
+                            if now_owner.is_some() && known.assigned_at.is_none() {
+                                known.assigned_at = Some(now_ms());
+                            }
+                            st.known.insert(id.clone(), known);
                             // A user took over this launch while it ran: tag them now.
                             Ok(now_owner.filter(|_| owner.is_none()))
                         }
@@ -394,14 +500,22 @@ impl PoolManager {
                     }
                 };
                 match late_owner {
-                    Ok(Some(user)) => match self.provider.set_owner(&id, &user).await {
-                        Ok(()) => Ok(id),
-                        Err(e) => {
-                            error!("cannot record {user} as the owner of {id}: {e}; terminating it");
-                            let _ = self.terminate(&id).await;
-                            Err(format!("could not record the owner of the new instance: {e}"))
+                    Ok(Some(user)) => {
+                        match self
+                            .provider
+                            .set_tags(&id, &owner_tags(&user, now_ms()))
+                            .await
+                        {
+                            Ok(()) => Ok(id),
+                            Err(e) => {
+                                error!("cannot record {user} as the owner of {id}: {e}; terminating it");
+                                let _ = self.terminate(&id).await;
+                                Err(format!(
+                                    "could not record the owner of the new instance: {e}"
+                                ))
+                            }
                         }
-                    },
+                    }
                     Ok(None) => Ok(id),
                     Err(e) => {
                         // Cannot happen while tickets are only completed here; never leak it.
@@ -445,7 +559,11 @@ impl PoolManager {
         let records = self.provider.list().await?;
         self.adopt_unknown(records, true).await;
         self.recovered.send_replace(true);
-        info!("pool rebuilt from the {} provider: {:?}", self.provider.kind(), self.census());
+        info!(
+            "pool rebuilt from the {} provider: {:?}",
+            self.provider.kind(),
+            self.census()
+        );
         Ok(())
     }
 
@@ -453,12 +571,22 @@ impl PoolManager {
         let mut doomed = Vec::new();
         {
             let mut st = self.lock();
+            let now = now_ms();
+            st.tombstones
+                .retain(|_, at| now.saturating_sub(*at) < TOMBSTONE_MS);
             for record in records {
-                if st.known.contains_key(&record.id) {
+                if st.known.contains_key(&record.id) || st.tombstones.contains_key(&record.id) {
                     continue;
                 }
-                let Some(purpose) = record.purpose().filter(|p| st.pools.contains_key(*p)).map(str::to_owned) else {
-                    warn!("instance {} has no purpose this pool serves (tags {:?}); terminating it", record.id, record.tags);
+                let Some(purpose) = record
+                    .purpose()
+                    .filter(|p| st.pools.contains_key(*p))
+                    .map(str::to_owned)
+                else {
+                    warn!(
+                        "instance {} has no purpose this pool serves (tags {:?}); terminating it",
+                        record.id, record.tags
+                    );
                     doomed.push(record.id);
                     continue;
                 };
@@ -479,20 +607,34 @@ impl PoolManager {
                 match pool.adopt(record.id.clone(), owner.clone(), Phase::Launching) {
                     Adoption::Adopted | Adoption::Known => {
                         if !at_start {
-                            warn!("adopted {} ({purpose}, owner {owner:?}) found at the provider", record.id);
+                            warn!(
+                                "adopted {} ({purpose}, owner {owner:?}) found at the provider",
+                                record.id
+                            );
                         }
-                        st.known.insert(record.id.clone(), Known { purpose, record });
+                        let mut known = Known::new(purpose, record);
+                        if owner.is_some() && known.assigned_at.is_none() {
+                            // Owned but never stamped: count from its launch.
+                            known.assigned_at = Some(known.record.launched_at_ms);
+                        }
+                        st.known.insert(known.record.id.clone(), known);
                     }
                     Adoption::Surplus => {
-                        warn!("instance {} ({purpose}, owner {owner:?}) is surplus; terminating it", record.id);
+                        warn!(
+                            "instance {} ({purpose}, owner {owner:?}) is surplus; terminating it",
+                            record.id
+                        );
                         doomed.push(record.id);
                     }
                 }
             }
         }
         for id in doomed {
-            if let Err(e) = self.provider.terminate(&id).await {
-                error!("cannot terminate {id}: {e}");
+            match self.provider.terminate(&id).await {
+                Ok(()) => {
+                    self.lock().tombstones.insert(id, now_ms());
+                }
+                Err(e) => error!("cannot terminate {id}: {e}"),
             }
         }
     }
@@ -502,13 +644,66 @@ impl PoolManager {
     pub async fn reconcile(self: &Arc<Self>) {
         if !self.is_recovered() {
             if let Err(e) = self.recover().await {
-                error!("cannot list instances at the {} provider: {e}; retrying", self.provider.kind());
+                error!(
+                    "cannot list instances at the {} provider: {e}; retrying",
+                    self.provider.kind()
+                );
                 return;
             }
         }
         self.sync().await;
         self.probe_launching().await;
+        self.reap_idle().await;
         self.top_up();
+    }
+
+    /// Terminates assigned instances whose user has been idle longer than the purpose's
+    /// timeout (counted from the assignment when they never came), and saves the activity
+    /// of the others in their tags now and then so that a restart keeps their deadlines.
+    async fn reap_idle(&self) {
+        let now = now_ms();
+        let mut idle = Vec::new();
+        let mut to_save = Vec::new();
+        {
+            let st = self.lock();
+            for (id, known) in &st.known {
+                let Some(instance) = st.pools.get(&known.purpose).and_then(|p| p.instance(id))
+                else {
+                    continue;
+                };
+                if instance.owner.is_none() || instance.phase == Phase::Terminating {
+                    continue;
+                }
+                let timeout = self.purposes[&known.purpose].idle_timeout.as_millis() as u64;
+                let activity = known.activity.load(Ordering::Relaxed);
+                let last = activity.max(known.assigned_at.unwrap_or(known.record.launched_at_ms));
+                if now.saturating_sub(last) > timeout {
+                    idle.push((id.clone(), now.saturating_sub(last)));
+                } else if activity > known.saved_activity + save_interval(timeout) {
+                    to_save.push((id.clone(), activity));
+                }
+            }
+        }
+        for (id, idle_ms) in idle {
+            info!(
+                "{id} has been idle for {} s; terminating it",
+                idle_ms / 1000
+            );
+            if let Err(e) = self.terminate(&id).await {
+                error!("cannot terminate idle {id}: {e}");
+            }
+        }
+        for (id, activity) in to_save {
+            let tags = [(TAG_LAST_ACTIVITY.to_owned(), activity.to_string())];
+            match self.provider.set_tags(&id, &tags).await {
+                Ok(()) => {
+                    if let Some(known) = self.lock().known.get_mut(&id) {
+                        known.saved_activity = activity;
+                    }
+                }
+                Err(e) => warn!("cannot save the activity of {id}: {e}"),
+            }
+        }
     }
 
     /// Forgets instances the provider no longer has; adopts or terminates instances it has
@@ -528,19 +723,35 @@ impl PoolManager {
         {
             let st = self.lock();
             for (id, known) in &st.known {
-                let phase = st.pools.get(&known.purpose).and_then(|p| p.instance(id)).map(|i| i.phase);
+                let phase = st
+                    .pools
+                    .get(&known.purpose)
+                    .and_then(|p| p.instance(id))
+                    .map(|i| i.phase);
                 if listed.contains(id) && phase == Some(Phase::Terminating) {
                     retry_terminate.push(id.clone());
                 }
             }
         }
         let vanished: Vec<InstanceId> = {
-            let st = self.lock();
-            st.known
+            let mut st = self.lock();
+            let candidates: Vec<InstanceId> = st
+                .known
                 .iter()
                 .filter(|(id, k)| !listed.contains(*id) && k.record.launched_at_ms < started)
                 .map(|(id, _)| id.clone())
-                .collect()
+                .collect();
+            st.misses.retain(|id, _| candidates.contains(id));
+            let mut gone = Vec::new();
+            for id in candidates {
+                let misses = st.misses.entry(id.clone()).or_insert(0);
+                *misses += 1;
+                if *misses >= MISSES_BEFORE_GONE {
+                    st.misses.remove(&id);
+                    gone.push(id);
+                }
+            }
+            gone
         };
         for id in vanished {
             warn!("instance {id} is gone at the provider; forgetting it");
@@ -551,7 +762,7 @@ impl PoolManager {
             if let Err(e) = self.provider.terminate(&id).await {
                 error!("terminating {id} failed again: {e}");
             } else {
-                self.forget(&id);
+                self.bury(&id);
             }
         }
         if in_flight_before == 0 && self.launches_in_flight.load(Ordering::SeqCst) == 0 {
@@ -571,18 +782,25 @@ impl PoolManager {
                         .is_some_and(|i| i.phase == Phase::Launching)
                 })
                 .map(|(id, k)| {
-                    (id.clone(), k.record.address.clone(), k.purpose.clone(), k.record.launched_at_ms)
+                    (
+                        id.clone(),
+                        k.record.address.clone(),
+                        k.purpose.clone(),
+                        k.record.launched_at_ms,
+                    )
                 })
                 .collect()
         };
-        let probes = launching.into_iter().map(|(id, address, purpose, launched_at)| async move {
-            let path = &self.purposes[&purpose].readiness_path;
-            let ready = match &address {
-                Some(a) => probe(a, path, "rstudio-pool-probe", Duration::from_secs(2)).await,
-                None => false,
-            };
-            (id, purpose, launched_at, ready)
-        });
+        let probes = launching
+            .into_iter()
+            .map(|(id, address, purpose, launched_at)| async move {
+                let path = &self.purposes[&purpose].readiness_path;
+                let ready = match &address {
+                    Some(a) => probe(a, path, "rstudio-pool-probe", Duration::from_secs(2)).await,
+                    None => false,
+                };
+                (id, purpose, launched_at, ready)
+            });
         let results = futures_util::future::join_all(probes).await;
         let now = now_ms();
         for (id, purpose, launched_at, ready) in results {
@@ -591,9 +809,14 @@ impl PoolManager {
                 if let Some(pool) = st.pools.get_mut(&purpose) {
                     let _ = pool.mark_ready(&id);
                 }
+                drop(st);
+                self.upstreams.invalidate(&id);
                 info!("{id} ({purpose}) is ready");
             } else if now.saturating_sub(launched_at) > self.ready_timeout.as_millis() as u64 {
-                warn!("{id} ({purpose}) was not ready within {:?}; replacing it", self.ready_timeout);
+                warn!(
+                    "{id} ({purpose}) was not ready within {:?}; replacing it",
+                    self.ready_timeout
+                );
                 {
                     let mut st = self.lock();
                     let failures = {
@@ -623,7 +846,8 @@ impl PoolManager {
                 }
                 let tickets = st.pools.get_mut(&purpose).expect("listed").top_up();
                 for ticket in tickets {
-                    st.waits.insert((purpose.clone(), ticket), watch::channel(None).0);
+                    st.waits
+                        .insert((purpose.clone(), ticket), watch::channel(None).0);
                     launches.push((purpose.clone(), ticket));
                 }
             }
@@ -652,9 +876,17 @@ impl PoolManager {
     }
 }
 
+/// How stale the saved activity may get: a tenth of the idle timeout, between 1 s and 60 s.
+/// After a restart an instance may be culled up to this much early.
+fn save_interval(timeout_ms: u64) -> u64 {
+    (timeout_ms / 10).clamp(1000, 60_000)
+}
+
 /// Exponential backoff with jitter for failed launches: 1 s, 2 s, 4 s ... up to 5 minutes.
 fn backoff(failures: u32) -> Duration {
-    let base = 1000u64.saturating_mul(1 << failures.saturating_sub(1).min(9)).min(300_000);
+    let base = 1000u64
+        .saturating_mul(1 << failures.saturating_sub(1).min(9))
+        .min(300_000);
     let jitter = rand::random::<u64>() % (base / 4 + 1);
     Duration::from_millis(base + jitter)
 }

@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn status_lines_are_parsed() {
         assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(parse_status_line(b"HTTP/1.0 302 Found\r\nLocation: /"), Some(302));
+        assert_eq!(
+            parse_status_line(b"HTTP/1.0 302 Found\r\nLocation: /"),
+            Some(302)
+        );
         assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(parse_status_line(b""), None);
     }
@@ -64,6 +67,14 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        assert!(!probe(&format!("127.0.0.1:{port}"), "/", "probe", Duration::from_secs(1)).await);
+        assert!(
+            !probe(
+                &format!("127.0.0.1:{port}"),
+                "/",
+                "probe",
+                Duration::from_secs(1)
+            )
+            .await
+        );
     }
 }

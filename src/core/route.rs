@@ -1,0 +1,280 @@
+//! Route parsing and rewriting for the edge proxy, as plain functions over strings: which
+//! instance a path names, what path the workspace receives, how `Location` and `Set-Cookie`
+//! headers are brought back under the instance's prefix, and which requests count as a user's
+//! activity. The proxy's Pingora hooks call these and nothing else decides.
+
+use super::ids::is_instance_id;
+
+/// What a request path addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// `/i-<id>/<rest>`: `rest` starts with `/`.
+    Instance { id: &'a str, rest: &'a str },
+    /// `/i-<id>` without its trailing slash: redirect to `/i-<id>/`.
+    InstanceRoot { id: &'a str },
+    /// Anything else: the default upstream, or a 404.
+    Other,
+}
+
+/// Parses a request path (without the query). Allocation-free: it runs on every request.
+pub fn parse(path: &str) -> Target<'_> {
+    let Some(after) = path.strip_prefix('/') else {
+        return Target::Other;
+    };
+    let (first, rest) = match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, ""),
+    };
+    if !is_instance_id(first) {
+        return Target::Other;
+    }
+    if rest.is_empty() {
+        Target::InstanceRoot { id: first }
+    } else {
+        Target::Instance { id: first, rest }
+    }
+}
+
+/// The path and query the workspace receives: without the prefix for purposes that are
+/// served from their root (RStudio), unchanged for purposes that know their base URL
+/// (JupyterLab).
+pub fn upstream_path(
+    full_path: &str,
+    rest: &str,
+    query: Option<&str>,
+    strip_prefix: bool,
+) -> String {
+    let path = if strip_prefix { rest } else { full_path };
+    match query {
+        Some(q) => {
+            let mut out = String::with_capacity(path.len() + q.len() + 1);
+            out.push_str(path);
+            out.push('?');
+            out.push_str(q);
+            out
+        }
+        None => path.to_owned(),
+    }
+}
+
+/// Rewrites a `Location` the workspace sent so that the browser stays under `/<id>/`:
+/// absolute URLs that point at the upstream itself, and root-relative paths outside the
+/// prefix, get the prefix. Other absolute URLs and relative paths are left alone. Returns
+/// `None` when nothing changes.
+pub fn rewrite_location(location: &str, id: &str, upstream_hosts: &[&str]) -> Option<String> {
+    let path = if let Some(rest) = location
+        .strip_prefix("http://")
+        .or_else(|| location.strip_prefix("https://"))
+        .or_else(|| location.strip_prefix("//"))
+    {
+        let (authority, path) = match rest.find(['/', '?', '#']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if !upstream_hosts
+            .iter()
+            .any(|h| authority.eq_ignore_ascii_case(h))
+        {
+            return None;
+        }
+        if path.is_empty() || !path.starts_with('/') {
+            return Some(format!("/{id}/{path}"));
+        }
+        path
+    } else if location.starts_with('/') {
+        location
+    } else {
+        return None;
+    };
+    if under_prefix(path, id) {
+        // An absolute URL to the upstream that already carries the prefix: drop the host.
+        return (path != location).then(|| path.to_owned());
+    }
+    Some(format!("/{id}{path}"))
+}
+
+/// Whether `path` lies under `/<id>` (the prefix itself included).
+fn under_prefix(path: &str, id: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(id))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']))
+}
+
+/// Scopes a `Set-Cookie` to the instance: a `Path` outside `/<id>` (or none at all) is moved
+/// under it, so that two workspaces behind one host never overwrite each other's cookies.
+/// Returns `None` when the cookie is already scoped.
+pub fn rewrite_set_cookie(cookie: &str, id: &str) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    let mut had_path = false;
+    let mut changed = false;
+    for (i, attribute) in cookie.split(';').enumerate() {
+        let trimmed = attribute.trim();
+        if i > 0 && trimmed.len() >= 5 && trimmed[..5].eq_ignore_ascii_case("path=") {
+            had_path = true;
+            let value = &trimmed[5..];
+            if under_prefix(value, id) {
+                parts.push(trimmed.to_owned());
+            } else {
+                changed = true;
+                let value = value.trim_start_matches('/');
+                parts.push(format!("Path=/{id}/{value}"));
+            }
+        } else {
+            parts.push(trimmed.to_owned());
+        }
+    }
+    if !had_path {
+        parts.push(format!("Path=/{id}/"));
+        changed = true;
+    }
+    changed.then(|| parts.join("; "))
+}
+
+/// Whether a request is a user's activity, or one of the purpose's keepalives (RStudio's
+/// `POST /events/get_events` long poll, which an idle open tab sends forever). `path` is
+/// relative to the workspace root (the prefix stripped); a keepalive pattern ending in `*`
+/// matches by prefix.
+pub fn is_user_activity(path: &str, keepalive_paths: &[String]) -> bool {
+    !keepalive_paths
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => path.starts_with(prefix),
+            None => path == pattern,
+        })
+}
+
+/// `X-Forwarded-Port` for a `Host` header: its port, or the scheme's default.
+pub fn forwarded_port(host: &str, https: bool) -> &str {
+    match host.rsplit_once(':') {
+        // An IPv6 literal without a port ends in `]`.
+        Some((_, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => port,
+        _ if https => "443",
+        _ => "80",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "i-0123456789abcdef0";
+
+    #[test]
+    fn paths_are_parsed() {
+        let cases = [
+            (
+                "/i-0123456789abcdef0/",
+                Target::Instance { id: ID, rest: "/" },
+            ),
+            (
+                "/i-0123456789abcdef0/a/b",
+                Target::Instance {
+                    id: ID,
+                    rest: "/a/b",
+                },
+            ),
+            ("/i-0123456789abcdef0", Target::InstanceRoot { id: ID }),
+            (
+                "/i-0123456789abcdef0//x",
+                Target::Instance {
+                    id: ID,
+                    rest: "//x",
+                },
+            ),
+            ("/", Target::Other),
+            ("", Target::Other),
+            ("/favicon.ico", Target::Other),
+            ("/i-0123456789ABCDEF0/", Target::Other),
+            ("/i-0123/", Target::Other),
+            ("//i-0123456789abcdef0/", Target::Other),
+            ("/x/i-0123456789abcdef0/", Target::Other),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(parse(path), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn upstream_paths_keep_queries_and_encodings() {
+        let full = "/i-0123456789abcdef0/a%20b/c";
+        assert_eq!(
+            upstream_path(full, "/a%20b/c", Some("x=1&y=%2F"), true),
+            "/a%20b/c?x=1&y=%2F"
+        );
+        assert_eq!(upstream_path(full, "/a%20b/c", None, false), full);
+    }
+
+    #[test]
+    fn locations_are_brought_under_the_prefix() {
+        let hosts = ["127.0.0.1:4000", "10.0.0.5:8787"];
+        let cases = [
+            ("/landed", Some("/i-0123456789abcdef0/landed")),
+            ("/", Some("/i-0123456789abcdef0/")),
+            ("/i-0123456789abcdef0/landed", None),
+            ("/i-0123456789abcdef0", None),
+            (
+                "/i-0123456789abcdef0x/landed",
+                Some("/i-0123456789abcdef0/i-0123456789abcdef0x/landed"),
+            ),
+            (
+                "http://127.0.0.1:4000/landed?a=1",
+                Some("/i-0123456789abcdef0/landed?a=1"),
+            ),
+            ("http://10.0.0.5:8787", Some("/i-0123456789abcdef0/")),
+            (
+                "https://10.0.0.5:8787/i-0123456789abcdef0/x",
+                Some("/i-0123456789abcdef0/x"),
+            ),
+            ("//127.0.0.1:4000/x", Some("/i-0123456789abcdef0/x")),
+            ("https://example.com/login", None),
+            ("landed", None),
+            ("../up", None),
+        ];
+        for (location, expected) in cases {
+            assert_eq!(
+                rewrite_location(location, ID, &hosts).as_deref(),
+                expected,
+                "{location}"
+            );
+        }
+    }
+
+    #[test]
+    fn cookies_are_scoped_to_the_instance() {
+        let cases = [
+            (
+                "s=1; Path=/; HttpOnly",
+                Some("s=1; Path=/i-0123456789abcdef0/; HttpOnly"),
+            ),
+            ("s=1", Some("s=1; Path=/i-0123456789abcdef0/")),
+            ("s=1; path=/app", Some("s=1; Path=/i-0123456789abcdef0/app")),
+            ("s=1; Path=/i-0123456789abcdef0", None),
+            ("s=1; Path=/i-0123456789abcdef0/; Secure", None),
+        ];
+        for (cookie, expected) in cases {
+            assert_eq!(
+                rewrite_set_cookie(cookie, ID).as_deref(),
+                expected,
+                "{cookie}"
+            );
+        }
+    }
+
+    #[test]
+    fn keepalives_are_not_activity() {
+        let keepalives = vec!["/events/get_events".to_owned(), "/api/status*".to_owned()];
+        assert!(!is_user_activity("/events/get_events", &keepalives));
+        assert!(!is_user_activity("/api/status/kernels", &keepalives));
+        assert!(is_user_activity("/events/get_events2", &keepalives));
+        assert!(is_user_activity("/rpc/console_input", &keepalives));
+    }
+
+    #[test]
+    fn forwarded_ports_come_from_the_host() {
+        assert_eq!(forwarded_port("edge:8081", false), "8081");
+        assert_eq!(forwarded_port("edge", false), "80");
+        assert_eq!(forwarded_port("edge", true), "443");
+        assert_eq!(forwarded_port("[::1]", true), "443");
+        assert_eq!(forwarded_port("[::1]:9000", false), "9000");
+    }
+}

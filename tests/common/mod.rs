@@ -1,0 +1,311 @@
+//! Shared helpers of the integration tests: start the real `rstudio-pool` binary on free
+//! loopback ports with a configuration of the test's own, speak to it over HTTP, find the
+//! workspace processes it started, and wait for conditions with a deadline.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Waits until `check` returns `Some`, polling every 50 ms, and fails the test with `what`
+/// when `deadline` passes first.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > until {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The settings a test varies; the rest is a small local pool.
+#[derive(Clone)]
+pub struct Options {
+    pub min_free: usize,
+    pub max: usize,
+    pub timeout_instance_ms: u64,
+    /// YAML appended to the generated configuration (extra sections or purposes).
+    pub extra_yaml: String,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            min_free: 1,
+            max: 5,
+            timeout_instance_ms: 3_600_000,
+            extra_yaml: String::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running rstudio-pool with its own state directory. Dropping it kills the server and every
+/// workspace it started.
+pub struct Server {
+    child: Option<Child>,
+    pub api: SocketAddr,
+    pub proxy: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    options: Options,
+    _tmp: Option<tempfile::TempDir>,
+    client: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start(options: Options) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut server = Server {
+            child: None,
+            api: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            config: dir.join("rstudio-pool.yaml"),
+            dir,
+            options,
+            _tmp: Some(tmp),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        };
+        server.write_config();
+        server.spawn().await;
+        server
+    }
+
+    fn write_config(&self) {
+        let o = &self.options;
+        let yaml = format!(
+            "version: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
+             pool:\n  name: test-pool\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: 30\n  reconcile_interval_ms: 200\n\
+             provider:\n  kind: process\n  state_dir: {state}\n\
+             api:\n  listen: {api}\n\
+             proxy:\n  listen: {proxy}\n  timeout_instance_ms: {timeout}\n{extra}",
+            min = o.min_free,
+            max = o.max,
+            state = self.state_dir().display(),
+            api = self.api,
+            proxy = self.proxy,
+            timeout = o.timeout_instance_ms,
+            extra = o.extra_yaml,
+        );
+        std::fs::write(&self.config, yaml).unwrap();
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rstudio-pool"));
+        command
+            .arg("-c")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for name in [
+            "MIN_FREE_INSTANCES",
+            "MAX_INSTANCES",
+            "PORT",
+            "API_LISTEN",
+            "STATE_DIR",
+            "PROVIDER",
+            "TIMEOUT_INSTANCE",
+            "API_TOKEN",
+        ] {
+            command.env_remove(name);
+        }
+        for (k, v) in &self.options.env {
+            command.env(k, v);
+        }
+        self.child = Some(command.spawn().unwrap());
+        let url = format!("http://{}/healthz", self.api);
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.client.get(&url).send().await {
+                let v: Value = r.json().await.unwrap_or_default();
+                if v["recovered"] == json!(true) {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("the server exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < until,
+                "the server did not start in 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would. Its workspaces keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again over the same state directory and ports.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Sends one command and returns the status and the JSON answer.
+    pub async fn command(&self, command: &str, payload: Value) -> (u16, Value) {
+        self.post_raw(json!({"command": command, "payload": payload}).to_string())
+            .await
+    }
+
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("http://{}/", self.api))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"));
+        (status, value)
+    }
+
+    /// `REQUEST_RSTUDIO` that must succeed; returns the instance id.
+    pub async fn request(&self, user: &str) -> String {
+        let (status, body) = self
+            .command("REQUEST_RSTUDIO", json!({"userId": user}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["instanceId"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn census(&self, purpose: &str) -> Value {
+        let (status, body) = self.command("GET_STATUS", json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        body["pools"][purpose].clone()
+    }
+
+    pub async fn free(&self, purpose: &str) -> u64 {
+        let c = self.census(purpose).await;
+        c["freeReady"].as_u64().unwrap()
+            + c["freeLaunching"].as_u64().unwrap()
+            + c["pendingLaunches"].as_u64().unwrap()
+    }
+
+    /// The workspace processes this server started that still run: (pid, instance id).
+    pub fn workspaces(&self) -> Vec<(u32, String)> {
+        workspace_processes(&self.state_dir().join("work"))
+    }
+
+    /// The upstream address of an instance, from `GET_STATUS`.
+    pub async fn upstream(&self, id: &str) -> String {
+        let (status, body) = self.command("GET_STATUS", json!({"instanceId": id})).await;
+        assert_eq!(status, 200, "{body}");
+        body["instance"]["url"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("http://")
+            .to_owned()
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(300)..].join("\n");
+            eprintln!("---- the server's log (last 300 lines) ----\n{tail}\n----");
+        }
+        for (pid, _) in self.workspaces() {
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Process-group leaders whose working directory lies under `work`, with the instance id that
+/// names their folder. Counted from /proc, so it sees real processes, not the pool's opinion.
+pub fn workspace_processes(work: &Path) -> Vec<(u32, String)> {
+    let Ok(work) = work.canonicalize() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
+            continue;
+        };
+        let Ok(rest) = cwd.strip_prefix(&work) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        if fields[0] == "Z" || fields[2] != pid.to_string() {
+            continue;
+        }
+        if let Some(id) = rest.iter().next() {
+            found.push((pid, id.to_string_lossy().into_owned()));
+        }
+    }
+    found
+}
+
+/// True when something accepts connections on `address`.
+pub async fn answers(address: &str) -> bool {
+    tokio::net::TcpStream::connect(address).await.is_ok()
+}
