@@ -9,7 +9,8 @@
 //!   of the prefix would, and `GET /redirect-root` to `/landed`;
 //! - `POST /events/get_events` long-polls, answering after a while with nothing new;
 //! - `POST /upload` streams the body and answers its size;
-//! - `GET /headers` echoes the request line and headers it received as JSON;
+//! - `GET /headers` (and any `GET /echo/...`) echoes the request line and headers it received
+//!   as JSON;
 //! - `GET /ws` is a WebSocket echo.
 
 use std::convert::Infallible;
@@ -158,7 +159,7 @@ async fn handle(
                 format!("{{\"bytes\":{bytes}}}"),
             )
         }
-        ("GET", "/headers") => {
+        ("GET", p) if p == "/headers" || p.starts_with("/echo/") => {
             let headers: serde_json::Map<String, serde_json::Value> = req
                 .headers()
                 .iter()

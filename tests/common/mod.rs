@@ -309,3 +309,21 @@ pub fn workspace_processes(work: &Path) -> Vec<(u32, String)> {
 pub async fn answers(address: &str) -> bool {
     tokio::net::TcpStream::connect(address).await.is_ok()
 }
+
+/// Waits until the instance's workspace answers through the proxy.
+pub async fn wait_ready(server: &Server, id: &str) {
+    let url = server.proxy_url(&format!("/{id}/"));
+    eventually(&format!("{id} answers through the proxy"), Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            let r = server.client().get(&url).send().await.ok()?;
+            (r.status().as_u16() == 200).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Whether the pool still knows the instance.
+pub async fn is_known(server: &Server, id: &str) -> bool {
+    server.command("GET_STATUS", json!({"instanceId": id})).await.0 == 200
+}

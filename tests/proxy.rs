@@ -1,0 +1,298 @@
+//! The edge proxy against the real server, real demo workspaces and real HTTP and WebSocket
+//! clients (issue 3).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, free_port, is_known, wait_ready, Options, Server};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A purpose section that runs the demo workspace with a short long poll.
+fn demo_purpose(long_poll_ms: u64) -> String {
+    format!(
+        "purposes:\n  rstudio:\n    command: [\"{{exe}}\", \"demo-workspace\", \"--port\", \"{{port}}\", \"--instance-id\", \"{{instance_id}}\", \"--long-poll-ms\", \"{long_poll_ms}\"]\n"
+    )
+}
+
+async fn ws_connect(
+    server: &Server,
+    id: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("ws://{}/{id}/ws", server.proxy);
+    let (socket, response) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(response.status().as_u16(), 101);
+    socket
+}
+
+async fn echo(
+    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    text: &str,
+) {
+    socket.send(Message::text(text)).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("an echo within 10 s")
+        .expect("the socket is open")
+        .unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), text);
+}
+
+#[tokio::test]
+async fn http_passes_through_with_rstudio_rewriting() {
+    let server = Server::start(Options::default()).await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+    let client = server.client();
+    let get = |path: String| client.get(server.proxy_url(&path)).send();
+
+    // The page of the right instance, and its cookie scoped to the instance.
+    let r = get(format!("/{id}/")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains(&format!("Path=/{id}")), "{cookie}");
+    assert!(r.text().await.unwrap().contains(&id));
+
+    // Without the trailing slash: a redirect to it, query kept.
+    let r = get(format!("/{id}?a=1")).await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], format!("/{id}/?a=1").as_str());
+
+    // Redirects land under the prefix, whether the app honours the root path or not.
+    for path in ["redirect", "redirect-root", "redirect-absolute"] {
+        let r = get(format!("/{id}/{path}")).await.unwrap();
+        assert_eq!(r.status(), 302, "{path}");
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        assert!(location.ends_with(&format!("/{id}/landed")), "{path}: {location}");
+        assert!(!location.contains("127.0.0.1:"), "{path} leaks the upstream: {location}");
+        let landed = get(location.clone()).await.unwrap();
+        assert_eq!(landed.text().await.unwrap(), "landed\n", "{location}");
+    }
+
+    // Query strings and encoded characters survive; forwarding headers are ours alone.
+    let r = client
+        .get(server.proxy_url(&format!("/{id}/echo/a%20b%2Fc?x=1&y=%2F%20&z")))
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-host", "evil.example")
+        .header("x-rstudio-root-path", "/i-ffffffffffffffff0")
+        .send()
+        .await
+        .unwrap();
+    let echoed: Value = r.json().await.unwrap();
+    assert_eq!(echoed["uri"], json!("/echo/a%20b%2Fc?x=1&y=%2F%20&z"));
+    let headers = &echoed["headers"];
+    assert_eq!(headers["x-rstudio-root-path"], json!(format!("/{id}")));
+    assert_eq!(headers["x-forwarded-for"], json!("127.0.0.1"));
+    assert_eq!(headers["x-forwarded-proto"], json!("http"));
+    assert_eq!(headers["x-forwarded-host"], json!(server.proxy.to_string()));
+    assert_eq!(headers["x-forwarded-port"], json!(server.proxy.port().to_string()));
+    assert_eq!(headers["host"], json!(server.upstream(&id).await));
+
+    // A 50 MB upload is streamed through whole.
+    const SIZE: usize = 50 * 1024 * 1024;
+    let r = client
+        .post(server.proxy_url(&format!("/{id}/upload")))
+        .body(vec![7u8; SIZE])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["bytes"], json!(SIZE));
+}
+
+#[tokio::test]
+async fn the_proxy_answers_for_itself_without_leaking_addresses() {
+    let server = Server::start(Options { min_free: 0, ..Options::default() }).await;
+    let client = server.client();
+    for (path, status, text) in [
+        ("/", 404, "nothing here"),
+        ("/favicon.ico", 404, "nothing here"),
+        ("/i-0123456789abcdef0/", 404, "does not exist"),
+    ] {
+        let r = client.get(server.proxy_url(path)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains(text), "{path}: {body}");
+        assert!(!body.contains("127.0.0.1"), "{path}: {body}");
+    }
+
+    // A workspace that died answers 502 until the pool notices, then 404.
+    let id = server.request("bo").await;
+    wait_ready(&server, &id).await;
+    for (pid, instance) in server.workspaces() {
+        if instance == id {
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+    let r = client.get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert!(status == 502 || status == 404, "{status}: {body}");
+    assert!(!body.contains("127.0.0.1"), "{body}");
+    eventually("the dead workspace is forgotten", WAIT, || async {
+        let r = client.get(server.proxy_url(&format!("/{id}/"))).send().await.ok()?;
+        (r.status() == 404).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_starting_workspace_gets_a_page_that_refreshes_itself() {
+    let server = Server::start(Options {
+        min_free: 0,
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sh\", \"-c\", \"sleep 2; exec {exe} demo-workspace --port {port} --instance-id {instance_id}\"]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let (status, body) = server.command("REQUEST_RSTUDIO", json!({"userId": "cy"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ready"], json!(false), "{body}");
+    let id = body["instanceId"].as_str().unwrap();
+    let r = server.client().get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(r.text().await.unwrap().contains("http-equiv=\"refresh\""));
+    wait_ready(&server, id).await;
+    let (_, body) = server.command("REQUEST_RSTUDIO", json!({"userId": "cy"})).await;
+    assert_eq!(body["ready"], json!(true), "{body}");
+}
+
+#[tokio::test]
+async fn a_deleted_instance_is_404_at_once() {
+    let server = Server::start(Options::default()).await;
+    let id = server.request("dora").await;
+    wait_ready(&server, &id).await;
+    // The route is cached now; DELETE must invalidate it before it answers.
+    let (status, _) = server.command("DELETE", json!({"instanceId": id})).await;
+    assert_eq!(status, 200);
+    let r = server.client().get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn other_paths_go_to_the_default_url() {
+    let port = free_port();
+    let mut default = std::process::Command::new(env!("CARGO_BIN_EXE_rstudio-pool"))
+        .args(["demo-workspace", "--port", &port.to_string(), "--instance-id", "i-00000000"])
+        .spawn()
+        .unwrap();
+    let server = Server::start(Options {
+        env: vec![("DEFAULT_URL".into(), format!("http://localhost:{port}"))],
+        ..Options::default()
+    })
+    .await;
+    let text = eventually("the default upstream answers", WAIT, || async {
+        let r = server.client().get(server.proxy_url("/landed")).send().await.ok()?;
+        let text = r.text().await.ok()?;
+        (text == "landed\n").then_some(text)
+    })
+    .await;
+    assert_eq!(text, "landed\n");
+    let _ = default.kill();
+    let _ = default.wait();
+}
+
+#[tokio::test]
+async fn websockets_echo_and_outlive_the_downstream_read_timeout() {
+    let server = Server::start(Options {
+        extra_yaml: "  downstream_read_timeout_ms: 1000\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("eve").await;
+    wait_ready(&server, &id).await;
+    let mut socket = ws_connect(&server, &id).await;
+    echo(&mut socket, "hello").await;
+    // Silence longer than the downstream read timeout: the condition under test.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    echo(&mut socket, "still here").await;
+
+    // A plain request that stalls mid-body is still cut by that timeout: it is not disabled.
+    let mut stream = tokio::net::TcpStream::connect(server.proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("POST /{id}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the stalled request was not cut within 10 s");
+}
+
+#[tokio::test]
+async fn idle_culling_tells_users_from_keepalives() {
+    const TIMEOUT_MS: u64 = 3000;
+    let server = Server::start(Options {
+        min_free: 0,
+        max: 6,
+        timeout_instance_ms: TIMEOUT_MS,
+        extra_yaml: demo_purpose(300),
+        ..Options::default()
+    })
+    .await;
+    let poller = server.request("only-long-polls").await;
+    let typist = server.request("types").await;
+    let silent = server.request("silent-socket").await;
+    for id in [&poller, &typist, &silent] {
+        wait_ready(&server, id).await;
+    }
+    let mut typing = ws_connect(&server, &typist).await;
+    let _silent_socket = ws_connect(&server, &silent).await;
+
+    // For three timeouts: the poller long-polls without pause, the typist sends a frame
+    // every 700 ms. The silent socket stays open and quiet.
+    let until = Instant::now() + Duration::from_millis(3 * TIMEOUT_MS);
+    let poll_url = server.proxy_url(&format!("/{poller}/events/get_events"));
+    let client = server.client().clone();
+    let polling = tokio::spawn(async move {
+        while Instant::now() < until {
+            let _ = client.post(&poll_url).body("{}").send().await;
+        }
+    });
+    while Instant::now() < until {
+        echo(&mut typing, "keystroke").await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    polling.await.unwrap();
+
+    assert!(!is_known(&server, &poller).await, "an instance kept busy only by long polls survived");
+    assert!(!is_known(&server, &silent).await, "a silent open socket kept its instance alive");
+    assert!(is_known(&server, &typist).await, "an instance in use was culled");
+    echo(&mut typing, "after").await;
+    // And the typist is culled too once they stop.
+    eventually("the typist's instance is culled after they stop", WAIT, || async {
+        (!is_known(&server, &typist).await).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
+    const TIMEOUT_MS: u64 = 4000;
+    let mut server = Server::start(Options {
+        min_free: 0,
+        timeout_instance_ms: TIMEOUT_MS,
+        ..Options::default()
+    })
+    .await;
+    let assigned_at = Instant::now();
+    let id = server.request("never-comes").await;
+    server.kill9();
+    server.restart().await;
+    assert!(is_known(&server, &id).await, "the restart lost the assignment");
+    eventually("the unvisited instance is culled", WAIT, || async {
+        (!is_known(&server, &id).await).then_some(())
+    })
+    .await;
+    let culled_after = assigned_at.elapsed();
+    // Counted from the assignment, not from the restart: a restart must not extend it much.
+    assert!(
+        culled_after < Duration::from_millis(TIMEOUT_MS + 3000),
+        "culled {culled_after:?} after assignment with a {TIMEOUT_MS} ms timeout"
+    );
+    assert!(culled_after >= Duration::from_millis(TIMEOUT_MS), "culled early: {culled_after:?}");
+}
