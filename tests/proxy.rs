@@ -30,7 +30,9 @@ async fn ws_connect(
 }
 
 async fn echo(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
     text: &str,
 ) {
     socket.send(Message::text(text)).await.unwrap();
@@ -67,8 +69,14 @@ async fn http_passes_through_with_rstudio_rewriting() {
         let r = get(format!("/{id}/{path}")).await.unwrap();
         assert_eq!(r.status(), 302, "{path}");
         let location = r.headers()["location"].to_str().unwrap().to_owned();
-        assert!(location.ends_with(&format!("/{id}/landed")), "{path}: {location}");
-        assert!(!location.contains("127.0.0.1:"), "{path} leaks the upstream: {location}");
+        assert!(
+            location.ends_with(&format!("/{id}/landed")),
+            "{path}: {location}"
+        );
+        assert!(
+            !location.contains("127.0.0.1:"),
+            "{path} leaks the upstream: {location}"
+        );
         let landed = get(location.clone()).await.unwrap();
         assert_eq!(landed.text().await.unwrap(), "landed\n", "{location}");
     }
@@ -89,7 +97,10 @@ async fn http_passes_through_with_rstudio_rewriting() {
     assert_eq!(headers["x-forwarded-for"], json!("127.0.0.1"));
     assert_eq!(headers["x-forwarded-proto"], json!("http"));
     assert_eq!(headers["x-forwarded-host"], json!(server.proxy.to_string()));
-    assert_eq!(headers["x-forwarded-port"], json!(server.proxy.port().to_string()));
+    assert_eq!(
+        headers["x-forwarded-port"],
+        json!(server.proxy.port().to_string())
+    );
     assert_eq!(headers["host"], json!(server.upstream(&id).await));
 
     // A 50 MB upload is streamed through whole.
@@ -106,7 +117,11 @@ async fn http_passes_through_with_rstudio_rewriting() {
 
 #[tokio::test]
 async fn the_proxy_answers_for_itself_without_leaking_addresses() {
-    let server = Server::start(Options { min_free: 0, ..Options::default() }).await;
+    let server = Server::start(Options {
+        min_free: 0,
+        ..Options::default()
+    })
+    .await;
     let client = server.client();
     for (path, status, text) in [
         ("/", 404, "nothing here"),
@@ -128,13 +143,21 @@ async fn the_proxy_answers_for_itself_without_leaking_addresses() {
             unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
         }
     }
-    let r = client.get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    let r = client
+        .get(server.proxy_url(&format!("/{id}/")))
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     let body = r.text().await.unwrap();
     assert!(status == 502 || status == 404, "{status}: {body}");
     assert!(!body.contains("127.0.0.1"), "{body}");
     eventually("the dead workspace is forgotten", WAIT, || async {
-        let r = client.get(server.proxy_url(&format!("/{id}/"))).send().await.ok()?;
+        let r = client
+            .get(server.proxy_url(&format!("/{id}/")))
+            .send()
+            .await
+            .ok()?;
         (r.status() == 404).then_some(())
     })
     .await;
@@ -148,16 +171,25 @@ async fn a_starting_workspace_gets_a_page_that_refreshes_itself() {
         ..Options::default()
     })
     .await;
-    let (status, body) = server.command("REQUEST_RSTUDIO", json!({"userId": "cy"})).await;
+    let (status, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "cy"}))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body["ready"], json!(false), "{body}");
     let id = body["instanceId"].as_str().unwrap();
-    let r = server.client().get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    let r = server
+        .client()
+        .get(server.proxy_url(&format!("/{id}/")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert!(r.text().await.unwrap().contains("http-equiv=\"refresh\""));
     wait_ready(&server, id).await;
-    let (_, body) = server.command("REQUEST_RSTUDIO", json!({"userId": "cy"})).await;
+    let (_, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "cy"}))
+        .await;
     assert_eq!(body["ready"], json!(true), "{body}");
 }
 
@@ -169,7 +201,12 @@ async fn a_deleted_instance_is_404_at_once() {
     // The route is cached now; DELETE must invalidate it before it answers.
     let (status, _) = server.command("DELETE", json!({"instanceId": id})).await;
     assert_eq!(status, 200);
-    let r = server.client().get(server.proxy_url(&format!("/{id}/"))).send().await.unwrap();
+    let r = server
+        .client()
+        .get(server.proxy_url(&format!("/{id}/")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -177,7 +214,13 @@ async fn a_deleted_instance_is_404_at_once() {
 async fn other_paths_go_to_the_default_url() {
     let port = free_port();
     let mut default = std::process::Command::new(env!("CARGO_BIN_EXE_rstudio-pool"))
-        .args(["demo-workspace", "--port", &port.to_string(), "--instance-id", "i-00000000"])
+        .args([
+            "demo-workspace",
+            "--port",
+            &port.to_string(),
+            "--instance-id",
+            "i-00000000",
+        ])
         .spawn()
         .unwrap();
     let server = Server::start(Options {
@@ -186,7 +229,12 @@ async fn other_paths_go_to_the_default_url() {
     })
     .await;
     let text = eventually("the default upstream answers", WAIT, || async {
-        let r = server.client().get(server.proxy_url("/landed")).send().await.ok()?;
+        let r = server
+            .client()
+            .get(server.proxy_url("/landed"))
+            .send()
+            .await
+            .ok()?;
         let text = r.text().await.ok()?;
         (text == "landed\n").then_some(text)
     })
@@ -215,7 +263,10 @@ async fn websockets_echo_and_outlive_the_downstream_read_timeout() {
     let mut stream = tokio::net::TcpStream::connect(server.proxy).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
-        .write_all(format!("POST /{id}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes())
+        .write_all(
+            format!("POST /{id}/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -259,14 +310,25 @@ async fn idle_culling_tells_users_from_keepalives() {
     }
     polling.await.unwrap();
 
-    assert!(!is_known(&server, &poller).await, "an instance kept busy only by long polls survived");
-    assert!(!is_known(&server, &silent).await, "a silent open socket kept its instance alive");
-    assert!(is_known(&server, &typist).await, "an instance in use was culled");
+    assert!(
+        !is_known(&server, &poller).await,
+        "an instance kept busy only by long polls survived"
+    );
+    assert!(
+        !is_known(&server, &silent).await,
+        "a silent open socket kept its instance alive"
+    );
+    assert!(
+        is_known(&server, &typist).await,
+        "an instance in use was culled"
+    );
     echo(&mut typing, "after").await;
     // And the typist is culled too once they stop.
-    eventually("the typist's instance is culled after they stop", WAIT, || async {
-        (!is_known(&server, &typist).await).then_some(())
-    })
+    eventually(
+        "the typist's instance is culled after they stop",
+        WAIT,
+        || async { (!is_known(&server, &typist).await).then_some(()) },
+    )
     .await;
 }
 
@@ -283,7 +345,10 @@ async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
     let id = server.request("never-comes").await;
     server.kill9();
     server.restart().await;
-    assert!(is_known(&server, &id).await, "the restart lost the assignment");
+    assert!(
+        is_known(&server, &id).await,
+        "the restart lost the assignment"
+    );
     eventually("the unvisited instance is culled", WAIT, || async {
         (!is_known(&server, &id).await).then_some(())
     })
@@ -294,5 +359,8 @@ async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
         culled_after < Duration::from_millis(TIMEOUT_MS + 3000),
         "culled {culled_after:?} after assignment with a {TIMEOUT_MS} ms timeout"
     );
-    assert!(culled_after >= Duration::from_millis(TIMEOUT_MS), "culled early: {culled_after:?}");
+    assert!(
+        culled_after >= Duration::from_millis(TIMEOUT_MS),
+        "culled early: {culled_after:?}"
+    );
 }

@@ -102,6 +102,16 @@ impl Upstream {
     }
 }
 
+/// The cache in front of [`PoolManager::upstream`], public so that the routing benchmark
+/// measures the very structure the proxy reads.
+pub fn upstream_cache() -> moka::sync::Cache<InstanceId, Arc<Upstream>> {
+    moka::sync::Cache::builder()
+        .max_capacity(1_000_000)
+        // A safety net only: every change of an instance invalidates its entry.
+        .time_to_live(Duration::from_secs(30))
+        .build()
+}
+
 /// What the manager knows about an instance beyond the pool's view.
 struct Known {
     purpose: String,
@@ -187,11 +197,7 @@ impl PoolManager {
                 .into_iter()
                 .map(|(name, p)| (name, Arc::new(p)))
                 .collect(),
-            upstreams: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                // A safety net only: every change of an instance invalidates its entry.
-                .time_to_live(Duration::from_secs(30))
-                .build(),
+            upstreams: upstream_cache(),
             public_url,
             ready_timeout,
             state: Mutex::new(State {

@@ -313,17 +313,25 @@ pub async fn answers(address: &str) -> bool {
 /// Waits until the instance's workspace answers through the proxy.
 pub async fn wait_ready(server: &Server, id: &str) {
     let url = server.proxy_url(&format!("/{id}/"));
-    eventually(&format!("{id} answers through the proxy"), Duration::from_secs(30), || {
-        let url = url.clone();
-        async move {
-            let r = server.client().get(&url).send().await.ok()?;
-            (r.status().as_u16() == 200).then_some(())
-        }
-    })
+    eventually(
+        &format!("{id} answers through the proxy"),
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move {
+                let r = server.client().get(&url).send().await.ok()?;
+                (r.status().as_u16() == 200).then_some(())
+            }
+        },
+    )
     .await;
 }
 
 /// Whether the pool still knows the instance.
 pub async fn is_known(server: &Server, id: &str) -> bool {
-    server.command("GET_STATUS", json!({"instanceId": id})).await.0 == 200
+    server
+        .command("GET_STATUS", json!({"instanceId": id}))
+        .await
+        .0
+        == 200
 }
