@@ -31,6 +31,8 @@ fn routing(c: &mut Criterion) {
         readiness_path: "/images/favicon.ico".into(),
         keepalive_paths: vec!["/events/get_events".into()],
         idle_timeout: Duration::from_secs(3600),
+        image: None,
+        docker_args: vec![],
     });
     let cache = upstream_cache();
     let ids: Vec<InstanceId> = (0..100_000u128)

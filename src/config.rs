@@ -112,6 +112,10 @@ pub struct Ec2Section {
     pub instance_profile: Option<String>,
     pub key_name: Option<String>,
     pub subnet_id: Option<String>,
+    pub address_template: Option<String>,
+    pub launch_rate_per_second: Option<f64>,
+    pub launch_burst: Option<u32>,
+    pub user_data_template: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +179,8 @@ struct PurposeSection {
     min_free_instances: Option<usize>,
     max_instances: Option<usize>,
     timeout_instance_ms: Option<u64>,
+    image: Option<String>,
+    docker_args: Option<Vec<String>>,
 }
 
 // ---- The validated configuration ----
@@ -193,7 +199,36 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
     Process { state_dir: PathBuf },
-    Ec2(Ec2Section),
+    Ec2(Box<Ec2Config>),
+}
+
+/// The default user data template: install docker, pull the purpose's image, run it.
+pub const USER_DATA_TEMPLATE: &str = include_str!("../rstudio/user-data.sh");
+/// EC2 refuses user data over 16 KB.
+pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+/// The validated settings of the ec2 provider.
+#[derive(Debug, Clone)]
+pub struct Ec2Config {
+    pub region: Option<String>,
+    pub image_id: String,
+    pub instance_type: String,
+    pub key_name: Option<String>,
+    pub security_group_ids: Vec<String>,
+    /// A name, or an ARN.
+    pub instance_profile: Option<String>,
+    pub subnet_id: Option<String>,
+    /// `host:port` the proxy connects to, from `{private_ip}`, `{private_dns}`, `{public_ip}`,
+    /// `{public_dns}` and `{port}`.
+    pub address_template: String,
+    /// The original proxy's rewrite of the address: every `route_to_replace` in the host
+    /// becomes `string_to_replace`.
+    pub route_to_replace: Option<String>,
+    pub string_to_replace: Option<String>,
+    pub launch_rate_per_second: f64,
+    pub launch_burst: u32,
+    /// Rendered user data per purpose (plain text; the provider base64-encodes it).
+    pub user_data: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +314,10 @@ pub struct Purpose {
     /// Request paths (after the prefix) that are keepalives, not user activity.
     pub keepalive_paths: Vec<String>,
     pub idle_timeout: Duration,
+    /// The docker image EC2 instances of this purpose run.
+    pub image: Option<String>,
+    /// Extra `docker run` arguments (environment, volumes).
+    pub docker_args: Vec<String>,
 }
 
 impl Config {
@@ -386,6 +425,9 @@ fn build(
         if let Some(v) = env(name) {
             *slot = Some(v);
         }
+    }
+    if ec2.region.is_none() {
+        ec2.region = env("AWS_REGION");
     }
     if let Some(v) = env("API_LISTEN") {
         file.api.listen = v;
@@ -505,10 +547,8 @@ fn build(
     }
 
     let provider = match file.provider.kind.as_str() {
-        "process" => ProviderConfig::Process {
-            state_dir: file.provider.state_dir,
-        },
-        "ec2" => ProviderConfig::Ec2(file.provider.ec2),
+        "process" => ProviderKind::Process,
+        "ec2" => ProviderKind::Ec2,
         other => {
             return Err(invalid(
                 "provider.kind",
@@ -536,7 +576,7 @@ fn build(
         };
         check_limits(limits, "purposes.<name>.max_instances", None)?;
         let command = section.command.or(preset.command).unwrap_or_default();
-        if matches!(provider, ProviderConfig::Process { .. }) && command.is_empty() {
+        if provider == ProviderKind::Process && command.is_empty() {
             return Err(invalid(
                 "purposes.<name>.command",
                 None,
@@ -571,9 +611,26 @@ fn build(
                     .or(preset.keepalive_paths)
                     .unwrap_or_default(),
                 idle_timeout: Duration::from_millis(timeout_ms.max(1)),
+                image: section.image.or(preset.image),
+                docker_args: section
+                    .docker_args
+                    .or(preset.docker_args)
+                    .unwrap_or_default(),
             },
         );
     }
+
+    let provider = match provider {
+        ProviderKind::Process => ProviderConfig::Process {
+            state_dir: file.provider.state_dir,
+        },
+        ProviderKind::Ec2 => ProviderConfig::Ec2(Box::new(ec2_config(
+            file.provider.ec2,
+            &file.proxy.route_to_replace,
+            &file.proxy.string_to_replace,
+            &mut purposes,
+        )?)),
+    };
 
     Ok(Config {
         pool_name: file.pool.name,
@@ -598,6 +655,111 @@ fn build(
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
         reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProviderKind {
+    Process,
+    Ec2,
+}
+
+fn ec2_config(
+    section: Ec2Section,
+    route_to_replace: &Option<String>,
+    string_to_replace: &Option<String>,
+    purposes: &mut BTreeMap<String, Purpose>,
+) -> Result<Ec2Config, ConfigError> {
+    let image_id = section.image_id.filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "provider.ec2.image_id",
+            Some("IMAGE_ID"),
+            "the ec2 provider needs the AMI to launch, like ami-0123456789abcdef0",
+        )
+    })?;
+    let region = section.region.filter(|s| !s.is_empty());
+    let registry = match (&section.account, &region) {
+        (Some(account), Some(region)) if !account.is_empty() => {
+            Some(format!("{account}.dkr.ecr.{region}.amazonaws.com"))
+        }
+        _ => None,
+    };
+    let template = match &section.user_data_template {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "provider.ec2.user_data_template",
+                None,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?,
+        None => USER_DATA_TEMPLATE.to_owned(),
+    };
+    let mut user_data = BTreeMap::new();
+    for (name, purpose) in purposes.iter_mut() {
+        let image = match (&purpose.image, &registry) {
+            (Some(image), _) => image.replace("{registry}", registry.as_deref().unwrap_or_default()),
+            (None, Some(registry)) => format!("{registry}/{name}:latest"),
+            (None, None) => {
+                return Err(invalid(
+                    "purposes.<name>.image",
+                    None,
+                    format!("purpose `{name}` has no docker image: set its `image`, or ACCOUNT and REGION so that `<account>.dkr.ecr.<region>.amazonaws.com/{name}:latest` is used"),
+                ))
+            }
+        };
+        purpose.image = Some(image.clone());
+        let rendered = template
+            .replace("{{image}}", &image)
+            .replace("{{port}}", &purpose.port.to_string())
+            .replace("{{container_port}}", &purpose.port.to_string())
+            .replace("{{registry}}", registry.as_deref().unwrap_or_default())
+            .replace("{{region}}", region.as_deref().unwrap_or_default())
+            .replace("{{docker_args}}", &purpose.docker_args.join(" "));
+        if rendered.len() > MAX_USER_DATA_BYTES {
+            return Err(invalid(
+                "provider.ec2.user_data_template",
+                None,
+                format!("the user data of purpose `{name}` is {} bytes once rendered; EC2 takes at most {MAX_USER_DATA_BYTES}: shorten the template or the docker arguments", rendered.len()),
+            ));
+        }
+        user_data.insert(name.clone(), rendered);
+    }
+    let address_template = section
+        .address_template
+        .unwrap_or_else(|| "{private_ip}:{port}".into());
+    if !address_template.contains('{') && !address_template.contains(':') {
+        return Err(invalid(
+            "provider.ec2.address_template",
+            None,
+            format!("`{address_template}` names no host and port: use placeholders like {{private_ip}}:{{port}}"),
+        ));
+    }
+    Ok(Ec2Config {
+        region,
+        image_id,
+        instance_type: section
+            .image_type
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "t3.medium".into()),
+        key_name: section.key_name.filter(|s| !s.is_empty()),
+        security_group_ids: section
+            .security_group
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        instance_profile: section.instance_profile.filter(|s| !s.is_empty()),
+        subnet_id: section.subnet_id.filter(|s| !s.is_empty()),
+        address_template,
+        route_to_replace: route_to_replace.clone().filter(|s| !s.is_empty()),
+        string_to_replace: string_to_replace.clone(),
+        launch_rate_per_second: section.launch_rate_per_second.unwrap_or(1.0).max(0.01),
+        launch_burst: section.launch_burst.unwrap_or(5).max(1),
+        user_data,
     })
 }
 
@@ -754,6 +916,54 @@ mod tests {
         assert!(DefaultUrl::parse("http://").is_err());
         let err = Config::from_yaml("", &env_of(&[("DEFAULT_URL", "intranet")])).unwrap_err();
         assert!(err.to_string().contains("DEFAULT_URL"), "{err}");
+    }
+
+    #[test]
+    fn the_ec2_provider_checks_what_it_needs() {
+        let base = [
+            ("PROVIDER", "ec2"),
+            ("ACCOUNT", "123456789012"),
+            ("REGION", "eu-west-1"),
+        ];
+        let err = Config::from_yaml("", &env_of(&base))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IMAGE_ID"), "{err}");
+
+        let mut env = base.to_vec();
+        env.push(("IMAGE_ID", "ami-1"));
+        env.push(("SECURITY_GROUP", "sg-1, sg-2"));
+        let c = Config::from_yaml("", &env_of(&env)).unwrap();
+        let ProviderConfig::Ec2(ec2) = &c.provider else {
+            panic!("not ec2")
+        };
+        assert_eq!(ec2.security_group_ids, vec!["sg-1", "sg-2"]);
+        let user_data = &ec2.user_data["rstudio"];
+        assert!(user_data.contains("123456789012.dkr.ecr.eu-west-1.amazonaws.com/rstudio:latest"));
+        assert!(user_data.contains("-p 8787:8787"));
+        assert!(
+            !user_data.contains("{{"),
+            "unrendered placeholder in {user_data}"
+        );
+
+        // Without a registry, a purpose must name its image.
+        let err = Config::from_yaml("", &env_of(&[("PROVIDER", "ec2"), ("IMAGE_ID", "ami-1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has no docker image"), "{err}");
+
+        // Rendered user data over 16 KB is refused at load time.
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.sh");
+        std::fs::write(&big, format!("#!/bin/sh\n# {}\n", "x".repeat(17 * 1024))).unwrap();
+        let yaml = format!(
+            "provider:\n  ec2:\n    user_data_template: {}\n",
+            big.display()
+        );
+        let err = Config::from_yaml(&yaml, &env_of(&env))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("16384"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use pingora_core::services::listening::Service;
 
 use rstudio_pool::config::{Config, ProviderConfig};
 use rstudio_pool::demo::{self, DemoOptions};
+use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
 use rstudio_pool::service::api::CommandApi;
@@ -98,9 +99,11 @@ fn main() {
                 }),
             )
         }
-        ProviderConfig::Ec2(_) => {
-            fail("PROVIDER=ec2 is not available in this build yet; use PROVIDER=process")
-        }
+        ProviderConfig::Ec2(ec2) => Arc::new(Ec2Provider::new(
+            (**ec2).clone(),
+            &config.pool_name,
+            &config.purposes,
+        )),
     };
     let manager = PoolManager::new(
         provider,

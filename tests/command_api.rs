@@ -387,3 +387,33 @@ async fn an_orphan_process_without_a_record_is_terminated() {
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_workspace_that_never_gets_ready_is_replaced() {
+    let server = Server::start(Options {
+        min_free: 1,
+        max: 2,
+        ready_timeout_seconds: 1,
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sleep\", \"600\"]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let first = eventually("a first workspace process", WAIT, || async {
+        server.workspaces().into_iter().next().map(|(_, id)| id)
+    })
+    .await;
+    eventually(
+        "the first workspace is replaced by another",
+        WAIT,
+        || async {
+            let now = server.workspaces();
+            (!now.iter().any(|(_, id)| *id == first) && !now.is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        server.log().contains("was not ready within"),
+        "{}",
+        server.log()
+    );
+}

@@ -5,6 +5,7 @@
 //! tokio. Time comes in as milliseconds; decisions go out as plain values.
 
 pub mod auth;
+pub mod bucket;
 pub mod command;
 pub mod ids;
 pub mod pool;

@@ -5,6 +5,7 @@
 //! knows about an instance, its purpose and its owner included, can be rebuilt from
 //! [`Provider::list`], so the process may die at any moment without losing a user's instance.
 
+pub mod ec2;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -725,6 +725,35 @@ impl PoolManager {
             }
         };
         let listed: HashSet<InstanceId> = records.iter().map(|r| r.id.clone()).collect();
+        // Refresh what the provider says of known instances: state, address, tags.
+        let mut stopped = Vec::new();
+        {
+            let mut st = self.lock();
+            for record in &records {
+                let Some(known) = st.known.get_mut(&record.id) else {
+                    continue;
+                };
+                let moved = known.record.address != record.address;
+                known.record.state = record.state;
+                known.record.address.clone_from(&record.address);
+                known.record.key_name.clone_from(&record.key_name);
+                for (k, v) in &record.tags {
+                    known.record.tags.insert(k.clone(), v.clone());
+                }
+                if moved {
+                    self.upstreams.invalidate(&record.id);
+                }
+                if record.state == ProviderState::Stopped {
+                    stopped.push(record.id.clone());
+                }
+            }
+        }
+        for id in stopped {
+            warn!("instance {id} was stopped outside the pool; terminating it");
+            if let Err(e) = self.terminate(&id).await {
+                error!("cannot terminate {id}: {e}");
+            }
+        }
         let mut retry_terminate = Vec::new();
         {
             let st = self.lock();
@@ -781,11 +810,14 @@ impl PoolManager {
             let st = self.lock();
             st.known
                 .iter()
+                // Ready means the provider says running and the probe answers.
                 .filter(|(id, k)| {
-                    st.pools
-                        .get(&k.purpose)
-                        .and_then(|p| p.instance(id))
-                        .is_some_and(|i| i.phase == Phase::Launching)
+                    k.record.state == ProviderState::Running
+                        && st
+                            .pools
+                            .get(&k.purpose)
+                            .and_then(|p| p.instance(id))
+                            .is_some_and(|i| i.phase == Phase::Launching)
                 })
                 .map(|(id, k)| {
                     (

@@ -46,6 +46,10 @@ pub struct Options {
     pub timeout_instance_ms: u64,
     /// YAML appended to the generated configuration (extra sections or purposes).
     pub extra_yaml: String,
+    /// The `provider:` section; the process provider over the test's state folder if `None`.
+    pub provider_yaml: Option<String>,
+    pub pool_name: String,
+    pub ready_timeout_seconds: u64,
     pub env: Vec<(String, String)>,
 }
 
@@ -56,6 +60,9 @@ impl Default for Options {
             max: 5,
             timeout_instance_ms: 3_600_000,
             extra_yaml: String::new(),
+            provider_yaml: None,
+            pool_name: "test-pool".into(),
+            ready_timeout_seconds: 30,
             env: Vec::new(),
         }
     }
@@ -100,13 +107,18 @@ impl Server {
         let o = &self.options;
         let yaml = format!(
             "version: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
-             pool:\n  name: test-pool\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: 30\n  reconcile_interval_ms: 200\n\
-             provider:\n  kind: process\n  state_dir: {state}\n\
+             pool:\n  name: {pool}\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: {ready}\n  reconcile_interval_ms: 200\n\
+             {provider}\
              api:\n  listen: {api}\n\
              proxy:\n  listen: {proxy}\n  timeout_instance_ms: {timeout}\n{extra}",
+            pool = o.pool_name,
+            ready = o.ready_timeout_seconds,
+            provider = o.provider_yaml.clone().unwrap_or_else(|| format!(
+                "provider:\n  kind: process\n  state_dir: {}\n",
+                self.state_dir().display()
+            )),
             min = o.min_free,
             max = o.max,
-            state = self.state_dir().display(),
             api = self.api,
             proxy = self.proxy,
             timeout = o.timeout_instance_ms,
@@ -142,6 +154,14 @@ impl Server {
             "PROVIDER",
             "TIMEOUT_INSTANCE",
             "API_TOKEN",
+            "IMAGE_ID",
+            "IMAGE_TYPE",
+            "REGION",
+            "ACCOUNT",
+            "SECURITY_GROUP",
+            "INSTANCE_PROFILE",
+            "KEY_NAME",
+            "DEFAULT_URL",
         ] {
             command.env_remove(name);
         }
@@ -335,3 +355,4 @@ pub async fn is_known(server: &Server, id: &str) -> bool {
         .0
         == 200
 }
+pub mod moto;
