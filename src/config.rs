@@ -36,7 +36,7 @@ pub enum ConfigError {
         env: String,
         problem: String,
     },
-    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, purposes) nor one of Pingora's server keys; fix the spelling or remove it")]
+    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, auth, purposes) nor one of Pingora's server keys; fix the spelling or remove it")]
     UnknownKey(String),
 }
 
@@ -57,7 +57,32 @@ struct FileConfig {
     provider: ProviderSection,
     api: ApiSection,
     proxy: ProxySection,
+    auth: AuthSection,
     purposes: BTreeMap<String, PurposeSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AuthSection {
+    mode: String,
+    secrets: Vec<String>,
+    link_ttl_seconds: u64,
+    session_ttl_seconds: u64,
+    user_header: String,
+    trusted_networks: Vec<String>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            mode: "token".into(),
+            secrets: Vec::new(),
+            link_ttl_seconds: 300,
+            session_ttl_seconds: 12 * 3600,
+            user_header: "X-Forwarded-User".into(),
+            trusted_networks: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +174,7 @@ struct ProxySection {
     downstream_read_timeout_ms: u64,
     websocket_idle_timeout_ms: u64,
     upstream_connect_timeout_ms: u64,
+    host_domain: Option<String>,
 }
 
 impl Default for ProxySection {
@@ -164,6 +190,7 @@ impl Default for ProxySection {
             downstream_read_timeout_ms: 60_000,
             websocket_idle_timeout_ms: 86_400_000,
             upstream_connect_timeout_ms: 5_000,
+            host_domain: None,
         }
     }
 }
@@ -191,6 +218,7 @@ pub struct Config {
     pub provider: ProviderConfig,
     pub api: ApiConfig,
     pub proxy: ProxyConfig,
+    pub auth: AuthConfig,
     pub purposes: BTreeMap<String, Purpose>,
     pub ready_timeout: Duration,
     pub reconcile_interval: Duration,
@@ -252,6 +280,30 @@ pub struct ProxyConfig {
     /// How long an upgraded (WebSocket) connection may stay silent; `None` waits forever.
     pub websocket_idle_timeout: Option<Duration>,
     pub upstream_connect_timeout: Duration,
+    /// Host routing: `i-<id>.<host_domain>` reaches instance `i-<id>` at its root, each
+    /// workspace in its own browser origin.
+    pub host_domain: Option<String>,
+}
+
+/// Who may reach an instance through the proxy.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    /// Anyone who knows the URL: only allowed when the proxy listens on loopback.
+    None,
+    /// Signed single-use links exchanged for session cookies.
+    Token {
+        secrets: Vec<Vec<u8>>,
+        /// True when no secret was configured and one was made up at start.
+        generated: bool,
+        link_ttl: Duration,
+        session_ttl: Duration,
+    },
+    /// The user named by a header set by an authenticating proxy in front of us, believed
+    /// only from the trusted networks.
+    Header {
+        header: String,
+        trusted_networks: Vec<crate::core::access::Network>,
+    },
 }
 
 /// `DEFAULT_URL`, taken apart. An `http://` URL is proxied, as the original did; an
@@ -368,7 +420,10 @@ fn check_top_level_keys(text: &str) -> Result<(), ConfigError> {
             .unwrap_or_default();
     for key in map.keys() {
         let name = key.as_str().unwrap_or_default();
-        let ours = matches!(name, "pool" | "provider" | "api" | "proxy" | "purposes");
+        let ours = matches!(
+            name,
+            "pool" | "provider" | "api" | "proxy" | "auth" | "purposes"
+        );
         if !ours && !pingora_keys.contains_key(key) {
             return Err(ConfigError::UnknownKey(name.to_owned()));
         }
@@ -455,6 +510,16 @@ fn build(
         if let Some(v) = env(name) {
             *slot = Some(v);
         }
+    }
+    if let Some(v) = env("AUTH_MODE") {
+        file.auth.mode = v;
+    }
+    if let Some(v) = env("AUTH_SECRETS") {
+        file.auth.secrets = v
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
     }
     if let Some(v) = parse_env(env, "TIMEOUT_INSTANCE", "proxy.timeout_instance_ms")? {
         file.proxy.timeout_instance_ms = v;
@@ -632,8 +697,93 @@ fn build(
         )?)),
     };
 
+    let auth = match file.auth.mode.as_str() {
+        "none" => {
+            if !proxy_listen.ip().is_loopback() {
+                return Err(invalid(
+                    "auth.mode",
+                    Some("AUTH_MODE"),
+                    format!("`none` lets anyone who knows a workspace's URL into it; the proxy listens on {proxy_listen}, which is not loopback: use `token` or `header`"),
+                ));
+            }
+            AuthConfig::None
+        }
+        "token" => {
+            let generated = file.auth.secrets.is_empty();
+            let secrets = if generated {
+                vec![rand::random::<[u8; 32]>().to_vec()]
+            } else {
+                if let Some(short) = file.auth.secrets.iter().find(|s| s.len() < 16) {
+                    return Err(invalid(
+                        "auth.secrets",
+                        Some("AUTH_SECRETS"),
+                        format!("a secret of {} characters is too short to sign with: use at least 16 random characters", short.len()),
+                    ));
+                }
+                file.auth
+                    .secrets
+                    .iter()
+                    .map(|s| s.as_bytes().to_vec())
+                    .collect()
+            };
+            AuthConfig::Token {
+                secrets,
+                generated,
+                link_ttl: Duration::from_secs(file.auth.link_ttl_seconds.max(1)),
+                session_ttl: Duration::from_secs(file.auth.session_ttl_seconds.max(1)),
+            }
+        }
+        "header" => {
+            if file.auth.trusted_networks.is_empty() {
+                return Err(invalid(
+                    "auth.trusted_networks",
+                    None,
+                    "header mode needs the networks of the authenticating proxy (like 10.0.0.0/8): a user header from anywhere else is ignored",
+                ));
+            }
+            let trusted_networks = file
+                .auth
+                .trusted_networks
+                .iter()
+                .map(|n| {
+                    n.parse()
+                        .map_err(|e: String| invalid("auth.trusted_networks", None, e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if http::HeaderName::from_bytes(file.auth.user_header.as_bytes()).is_err() {
+                return Err(invalid(
+                    "auth.user_header",
+                    None,
+                    format!("`{}` is not a header name", file.auth.user_header),
+                ));
+            }
+            AuthConfig::Header {
+                header: file.auth.user_header.to_ascii_lowercase(),
+                trusted_networks,
+            }
+        }
+        other => {
+            return Err(invalid(
+                "auth.mode",
+                Some("AUTH_MODE"),
+                format!("`{other}` is not an access mode: use `token`, `header` or `none`"),
+            ))
+        }
+    };
+    let host_domain = match file.proxy.host_domain.filter(|d| !d.is_empty()) {
+        Some(d) if d.starts_with('.') || d.contains('/') || d.contains(':') => {
+            return Err(invalid(
+                "proxy.host_domain",
+                None,
+                format!("`{d}` must be a bare domain like workspaces.example.com"),
+            ))
+        }
+        other => other.map(|d| d.to_ascii_lowercase()),
+    };
+
     Ok(Config {
         pool_name: file.pool.name,
+        auth,
         provider,
         api: ApiConfig {
             listen: api_listen,
@@ -651,6 +801,7 @@ fn build(
             upstream_connect_timeout: Duration::from_millis(
                 file.proxy.upstream_connect_timeout_ms.max(1),
             ),
+            host_domain,
         },
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
@@ -964,6 +1115,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("16384"), "{err}");
+    }
+
+    #[test]
+    fn open_access_is_for_loopback_only() {
+        let err = Config::from_yaml("", &env_of(&[("AUTH_MODE", "none"), ("PORT", "8081")]));
+        assert!(err.is_ok(), "loopback with auth none is fine: {err:?}");
+        let yaml = "proxy:\n  listen: 0.0.0.0:8081\n";
+        let err = Config::from_yaml(yaml, &env_of(&[("AUTH_MODE", "none")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not loopback"), "{err}");
+        let err = Config::from_yaml("", &env_of(&[("AUTH_SECRETS", "short")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too short"), "{err}");
+        let err = Config::from_yaml("auth:\n  mode: header\n", &env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trusted_networks"), "{err}");
+        assert!(Config::from_yaml("", &env_of(&[])).is_ok_and(|c| matches!(
+            c.auth,
+            AuthConfig::Token {
+                generated: true,
+                ..
+            }
+        )));
     }
 
     #[test]

@@ -11,13 +11,15 @@ use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
-use rstudio_pool::config::{Config, ProviderConfig};
+use rstudio_pool::config::{AuthConfig, Config, ProviderConfig};
+use rstudio_pool::core::token::Signer;
 use rstudio_pool::demo::{self, DemoOptions};
 use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
 use rstudio_pool::service::api::CommandApi;
 use rstudio_pool::service::background::Reconciler;
+use rstudio_pool::service::links::UserLinks;
 use rstudio_pool::service::manager::PoolManager;
 use rstudio_pool::service::proxy::EdgeProxy;
 
@@ -105,10 +107,26 @@ fn main() {
             &config.purposes,
         )),
     };
+    let signer = match &config.auth {
+        AuthConfig::Token {
+            secrets, generated, ..
+        } => {
+            if *generated {
+                log::warn!("no auth.secrets (AUTH_SECRETS) configured: signing workspace links with a random secret, so users' sessions end when rstudio-pool restarts");
+            }
+            Some(Arc::new(Signer::new(secrets.clone())))
+        }
+        AuthConfig::None => {
+            log::warn!("auth.mode is `none`: anyone who can reach {} opens any workspace whose URL they know; use it on a laptop only", config.proxy.listen);
+            None
+        }
+        AuthConfig::Header { .. } => None,
+    };
+    let links = UserLinks::new(&config.proxy, &config.auth, signer.clone());
     let manager = PoolManager::new(
         provider,
         config.purposes.clone(),
-        config.proxy.public_url.clone(),
+        links,
         config.ready_timeout,
     );
 
@@ -143,7 +161,12 @@ fn main() {
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        EdgeProxy::new(Arc::clone(&manager), config.proxy.clone()),
+        EdgeProxy::new(
+            Arc::clone(&manager),
+            config.proxy.clone(),
+            &config.auth,
+            signer,
+        ),
         "edge proxy",
     );
     proxy.add_tcp(&config.proxy.listen.to_string());

@@ -43,6 +43,7 @@ fn the_configuration_table_matches_the_code() {
         (vec!["provider", "ec2"], "provider.ec2"),
         (vec!["api"], "api"),
         (vec!["proxy"], "proxy"),
+        (vec!["auth"], "auth"),
         (vec!["purposes", "rstudio"], "purposes.<name>"),
     ] {
         for key in expected_keys(&section) {

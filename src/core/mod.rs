@@ -4,9 +4,11 @@
 //! **Architecture invariant:** nothing here does I/O, reads a clock, or knows Pingora, AWS or
 //! tokio. Time comes in as milliseconds; decisions go out as plain values.
 
+pub mod access;
 pub mod auth;
 pub mod bucket;
 pub mod command;
 pub mod ids;
 pub mod pool;
 pub mod route;
+pub mod token;

@@ -35,6 +35,16 @@ pub fn parse(path: &str) -> Target<'_> {
     }
 }
 
+/// The instance a `Host` header names under host routing: `i-<id>.<domain>[:port]`.
+pub fn host_instance<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let (first, rest) = name.split_once('.')?;
+    (rest.eq_ignore_ascii_case(domain) && is_instance_id(first)).then_some(first)
+}
+
 /// The path and query the workspace receives: without the prefix for purposes that are
 /// served from their root (RStudio), unchanged for purposes that know their base URL
 /// (JupyterLab).
@@ -91,6 +101,30 @@ pub fn rewrite_location(location: &str, id: &str, upstream_hosts: &[&str]) -> Op
         return (path != location).then(|| path.to_owned());
     }
     Some(format!("/{id}{path}"))
+}
+
+/// Under host routing: an absolute `Location` that points at the upstream itself loses its
+/// origin, so the browser stays on the workspace's own host. `None` when nothing changes.
+pub fn strip_upstream_origin(location: &str, upstream_hosts: &[&str]) -> Option<String> {
+    let rest = location
+        .strip_prefix("http://")
+        .or_else(|| location.strip_prefix("https://"))
+        .or_else(|| location.strip_prefix("//"))?;
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if !upstream_hosts
+        .iter()
+        .any(|h| authority.eq_ignore_ascii_case(h))
+    {
+        return None;
+    }
+    Some(if path.starts_with('/') {
+        path.to_owned()
+    } else {
+        format!("/{path}")
+    })
 }
 
 /// Whether `path` lies under `/<id>` (the prefix itself included).
@@ -195,6 +229,26 @@ mod tests {
     }
 
     #[test]
+    fn hosts_name_instances_under_host_routing() {
+        let d = "ws.example.com";
+        assert_eq!(
+            host_instance("i-0123456789abcdef0.ws.example.com", d),
+            Some(ID)
+        );
+        assert_eq!(
+            host_instance("i-0123456789abcdef0.WS.example.com:8443", d),
+            Some(ID)
+        );
+        assert_eq!(host_instance("ws.example.com", d), None);
+        assert_eq!(host_instance("i-0123456789abcdef0.evil.com", d), None);
+        assert_eq!(
+            host_instance("x.i-0123456789abcdef0.ws.example.com", d),
+            None
+        );
+        assert_eq!(host_instance("i-zz.ws.example.com", d), None);
+    }
+
+    #[test]
     fn upstream_paths_keep_queries_and_encodings() {
         let full = "/i-0123456789abcdef0/a%20b/c";
         assert_eq!(
@@ -237,6 +291,21 @@ mod tests {
                 "{location}"
             );
         }
+    }
+
+    #[test]
+    fn host_routing_keeps_redirects_on_the_workspace_host() {
+        let hosts = ["10.0.0.5:8787"];
+        assert_eq!(
+            strip_upstream_origin("http://10.0.0.5:8787/x?y", &hosts).as_deref(),
+            Some("/x?y")
+        );
+        assert_eq!(
+            strip_upstream_origin("http://10.0.0.5:8787", &hosts).as_deref(),
+            Some("/")
+        );
+        assert_eq!(strip_upstream_origin("/x", &hosts), None);
+        assert_eq!(strip_upstream_origin("https://example.com/x", &hosts), None);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use log::{error, info, warn};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
+use super::links::UserLinks;
 use super::probe::probe;
 use crate::config::Purpose;
 use crate::core::ids::{InstanceId, UserId};
@@ -166,9 +167,9 @@ struct State {
 pub struct PoolManager {
     provider: Arc<dyn Provider>,
     purposes: BTreeMap<String, Arc<Purpose>>,
+    links: UserLinks,
     /// The proxy's view of each instance, so that a request takes no lock.
     upstreams: moka::sync::Cache<InstanceId, Arc<Upstream>>,
-    public_url: String,
     ready_timeout: Duration,
     state: Mutex<State>,
     /// Wakes the reconcile loop early (after an assignment or a termination).
@@ -184,7 +185,7 @@ impl PoolManager {
     pub fn new(
         provider: Arc<dyn Provider>,
         purposes: BTreeMap<String, Purpose>,
-        public_url: String,
+        links: UserLinks,
         ready_timeout: Duration,
     ) -> Arc<Self> {
         let pools = purposes
@@ -198,7 +199,7 @@ impl PoolManager {
                 .map(|(name, p)| (name, Arc::new(p)))
                 .collect(),
             upstreams: upstream_cache(),
-            public_url,
+            links,
             ready_timeout,
             state: Mutex::new(State {
                 pools,
@@ -348,13 +349,13 @@ impl PoolManager {
             purpose: purpose.to_owned(),
             status: if ready { "ready" } else { "launching" },
             ready,
-            url: self.user_url(id),
+            url: self.links.for_user(id, user, now_ms()),
         }
     }
 
-    /// The link a user opens: the proxy's public URL and the instance's prefix.
+    /// The workspace's address through the proxy, without credentials.
     pub fn user_url(&self, id: &InstanceId) -> String {
-        format!("{}/{id}/", self.public_url)
+        self.links.base(id)
     }
 
     /// `GET_STATUS {}`: ids of the instances assigned to users, every purpose, sorted.

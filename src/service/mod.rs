@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod background;
+pub mod links;
 pub mod manager;
 pub mod probe;
 pub mod proxy;

@@ -18,17 +18,22 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use super::manager::{PoolManager, Upstream};
-use crate::config::{DefaultUrl, ProxyConfig};
+use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
+use crate::core::access::{
+    cookie, has_dot_segment, take_link_param, without_cookie, Network, SESSION_COOKIE,
+};
 use crate::core::ids::InstanceId;
 use crate::core::route::{
-    forwarded_port, is_user_activity, parse, rewrite_location, rewrite_set_cookie, upstream_path,
-    Target,
+    forwarded_port, host_instance, is_user_activity, parse, rewrite_location, rewrite_set_cookie,
+    strip_upstream_origin, upstream_path, Target,
 };
+use crate::core::token::{Claims, Kind, Signer};
 use crate::provider::process::now_ms;
 
 pub struct EdgeProxy {
     manager: Arc<PoolManager>,
     config: ProxyConfig,
+    access: Access,
     /// The scheme users reach us with, for `X-Forwarded-Proto`.
     https: bool,
     /// Host names resolved off the request path (DEFAULT_URL, EC2 DNS names), with a TTL.
@@ -36,11 +41,45 @@ pub struct EdgeProxy {
 }
 
 impl EdgeProxy {
-    pub fn new(manager: Arc<PoolManager>, config: ProxyConfig) -> Self {
+    pub fn new(
+        manager: Arc<PoolManager>,
+        config: ProxyConfig,
+        auth: &AuthConfig,
+        signer: Option<Arc<Signer>>,
+    ) -> Self {
         let https = config.public_url.starts_with("https://");
+        let access = match (auth, signer) {
+            (
+                AuthConfig::Token {
+                    link_ttl,
+                    session_ttl,
+                    ..
+                },
+                Some(signer),
+            ) => Access::Token {
+                signer,
+                session_ttl_ms: session_ttl.as_millis() as u64,
+                spent: moka::sync::Cache::builder()
+                    .max_capacity(10_000_000)
+                    .time_to_live(*link_ttl)
+                    .build(),
+            },
+            (
+                AuthConfig::Header {
+                    header,
+                    trusted_networks,
+                },
+                _,
+            ) => Access::Header {
+                header: header.clone(),
+                trusted_networks: trusted_networks.clone(),
+            },
+            _ => Access::Open,
+        };
         Self {
             manager,
             config,
+            access,
             https,
             resolved: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -73,12 +112,37 @@ impl EdgeProxy {
     }
 }
 
+/// How the proxy decides who may reach an instance.
+enum Access {
+    /// Anyone (loopback only; the configuration refuses it elsewhere).
+    Open,
+    Token {
+        signer: Arc<Signer>,
+        session_ttl_ms: u64,
+        /// Nonces of links already exchanged, kept for as long as a link lives.
+        spent: moka::sync::Cache<u64, ()>,
+    },
+    Header {
+        header: String,
+        trusted_networks: Vec<Network>,
+    },
+}
+
+/// What the access check concluded.
+enum Verdict {
+    Allow,
+    /// Answered already (a redirect after a link exchange, a 401 page).
+    Answered,
+}
+
 /// Where one request goes, decided in `request_filter`.
 enum Destination {
     Instance {
         id: InstanceId,
         upstream: Arc<Upstream>,
         path: String,
+        /// Path routing (`/i-<id>/...`), as opposed to host routing (`i-<id>.<domain>`).
+        prefixed: bool,
         /// Whether the request is a user's (not a keepalive): its body chunks and, after an
         /// upgrade, the client's WebSocket frames move the idle deadline.
         counts: bool,
@@ -125,15 +189,138 @@ async fn page(
     Ok(true)
 }
 
-async fn redirect(session: &mut Session, location: &str) -> Result<bool> {
-    let mut header = ResponseHeader::build(302, Some(3))?;
+async fn redirect(session: &mut Session, location: &str, set_cookie: Option<&str>) -> Result<bool> {
+    let mut header = ResponseHeader::build(302, Some(4))?;
     header.insert_header("location", location)?;
+    if let Some(cookie) = set_cookie {
+        header.insert_header("set-cookie", cookie)?;
+    }
     header.insert_header("content-length", "0")?;
     header.insert_header("cache-control", "no-store")?;
     session
         .write_response_header(Box::new(header), true)
         .await?;
     Ok(true)
+}
+
+impl EdgeProxy {
+    /// Lets the owner in and nobody else. In token mode a request carrying a link is answered
+    /// with a session cookie and a redirect to the same address without the link.
+    async fn check_access(
+        &self,
+        session: &mut Session,
+        id: &InstanceId,
+        upstream: &Upstream,
+        prefixed: bool,
+        rest: &str,
+        query: Option<&str>,
+    ) -> Result<Verdict> {
+        let owner = upstream.owner.as_ref().map(|u| u.as_str());
+        let denied = "This link is not valid (links work once and expire after a few minutes), or you are not signed in to this workspace. Open your workspace from the application again.";
+        match &self.access {
+            Access::Open => Ok(Verdict::Allow),
+            Access::Header {
+                header,
+                trusted_networks,
+            } => {
+                let trusted = session
+                    .client_addr()
+                    .and_then(PingoraAddr::as_inet)
+                    .is_some_and(|a| trusted_networks.iter().any(|n| n.contains(a.ip())));
+                let user = session
+                    .req_header()
+                    .headers
+                    .get(header.as_str())
+                    .and_then(|v| v.to_str().ok());
+                match (trusted, user) {
+                    (true, Some(user)) if Some(user) == owner => Ok(Verdict::Allow),
+                    (true, Some(_)) => {
+                        page(
+                            session,
+                            403,
+                            "Not your workspace",
+                            "This workspace belongs to someone else.",
+                            None,
+                        )
+                        .await?;
+                        Ok(Verdict::Answered)
+                    }
+                    _ => {
+                        page(session, 401, "Sign in first", "Sign in through your organisation's login, then open your workspace from the application again.", None).await?;
+                        Ok(Verdict::Answered)
+                    }
+                }
+            }
+            Access::Token {
+                signer,
+                session_ttl_ms,
+                spent,
+            } => {
+                let now = now_ms();
+                if let Some((Some(token), remaining)) = query.map(take_link_param) {
+                    let claims = signer
+                        .verify(token, Kind::Link, id.as_str(), now)
+                        .ok()
+                        .filter(|c| Some(c.user.as_str()) == owner)
+                        .filter(|c| spent.entry(c.nonce).or_insert(()).is_fresh());
+                    let Some(claims) = claims else {
+                        page(session, 401, "Link not valid", denied, None).await?;
+                        return Ok(Verdict::Answered);
+                    };
+                    let cookie_token = signer.sign(&Claims {
+                        kind: Kind::Session,
+                        expires_ms: now + session_ttl_ms,
+                        nonce: rand::random(),
+                        ..claims
+                    });
+                    let scope = if prefixed {
+                        format!("/{id}/")
+                    } else {
+                        "/".to_owned()
+                    };
+                    let secure = if self.https { "; Secure" } else { "" };
+                    let set_cookie = format!(
+                        "{SESSION_COOKIE}={cookie_token}; Path={scope}; HttpOnly; SameSite=Lax{secure}"
+                    );
+                    let path = if prefixed {
+                        format!("/{id}{rest}")
+                    } else {
+                        rest.to_owned()
+                    };
+                    let location = if remaining.is_empty() {
+                        path
+                    } else {
+                        format!("{path}?{remaining}")
+                    };
+                    redirect(session, &location, Some(&set_cookie)).await?;
+                    return Ok(Verdict::Answered);
+                }
+                let presented = session
+                    .req_header()
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(|h| cookie(h, SESSION_COOKIE));
+                let valid = presented
+                    .and_then(|t| signer.verify(t, Kind::Session, id.as_str(), now).ok())
+                    .is_some_and(|c| Some(c.user.as_str()) == owner);
+                if valid {
+                    Ok(Verdict::Allow)
+                } else {
+                    page(
+                        session,
+                        401,
+                        "Open your workspace from the application",
+                        denied,
+                        None,
+                    )
+                    .await?;
+                    Ok(Verdict::Answered)
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -145,56 +332,86 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let uri = &session.req_header().uri;
-        let full_path = uri.path().to_owned();
-        let query = uri.query().map(str::to_owned);
-        match parse(&full_path) {
-            Target::Other => match &self.config.default_url {
-                Some(default) if default.https => {
-                    let location = format!("{}{}", default.url, uri);
-                    redirect(session, &location).await
-                }
-                Some(default) => {
-                    ctx.destination = Some(Destination::Default(default.clone()));
-                    Ok(false)
-                }
-                None => page(session, 404, "Not found", "There is nothing here. Open your workspace from the application that gave you its link.", None).await,
-            },
-            Target::InstanceRoot { id } => {
+        let req = session.req_header();
+        // Checked on the target as sent: the parsed URI may already have resolved `..`.
+        let raw = String::from_utf8_lossy(req.raw_path());
+        if has_dot_segment(raw.split('?').next().unwrap_or_default()) {
+            return page(session, 400, "Bad request", "The address contains a `.` or `..` segment, which is not allowed. Open your workspace from the application again.", None).await;
+        }
+        let full_path = req.uri.path().to_owned();
+        let query = req.uri.query().map(str::to_owned);
+        let host_routed = self.config.host_domain.as_deref().and_then(|domain| {
+            let host = req.headers.get(http::header::HOST)?.to_str().ok()?;
+            host_instance(host, domain).map(str::to_owned)
+        });
+        let (id, rest, prefixed) = match (&host_routed, parse(&full_path)) {
+            (Some(id), _) => (id.as_str(), full_path.as_str(), false),
+            (None, Target::Instance { id, rest }) => (id, rest, true),
+            (None, Target::InstanceRoot { id }) => {
                 let location = match &query {
                     Some(q) => format!("/{id}/?{q}"),
                     None => format!("/{id}/"),
                 };
-                redirect(session, &location).await
+                return redirect(session, &location, None).await;
             }
-            Target::Instance { id, rest } => {
-                let Some(upstream) = InstanceId::parse(id).ok().and_then(|id| self.manager.upstream(&id)) else {
-                    return page(session, 404, "Workspace not found", "This workspace does not exist or has been shut down. Ask the application for a new one.", None).await;
+            (None, Target::Other) => {
+                return match &self.config.default_url {
+                    Some(default) if default.https => {
+                        let location = format!("{}{}", default.url, session.req_header().uri);
+                        redirect(session, &location, None).await
+                    }
+                    Some(default) => {
+                        ctx.destination = Some(Destination::Default(default.clone()));
+                        Ok(false)
+                    }
+                    None => page(session, 404, "Not found", "There is nothing here. Open your workspace from the application that gave you its link.", None).await,
                 };
-                if !upstream.ready {
-                    return page(session, 503, "Your workspace is starting", "Your workspace is starting. This page reloads itself until it is ready.", Some(2)).await;
-                }
-                let purpose = &upstream.purpose;
-                let counts = is_user_activity(rest, &purpose.keepalive_paths);
-                if counts {
-                    upstream.touch(now_ms());
-                }
-                let path = upstream_path(&full_path, rest, query.as_deref(), purpose.strip_prefix);
-                let timeout = if session.is_upgrade_req() {
-                    self.config.websocket_idle_timeout
-                } else {
-                    self.config.downstream_read_timeout
-                };
-                session.set_read_timeout(timeout);
-                ctx.destination = Some(Destination::Instance {
-                    id: InstanceId::parse(id).expect("parsed above"),
-                    upstream,
-                    path,
-                    counts,
-                });
-                Ok(false)
             }
+        };
+        let Some((id, upstream)) = InstanceId::parse(id)
+            .ok()
+            .and_then(|id| self.manager.upstream(&id).map(|u| (id, u)))
+        else {
+            return page(session, 404, "Workspace not found", "This workspace does not exist or has been shut down. Ask the application for a new one.", None).await;
+        };
+        match self
+            .check_access(session, &id, &upstream, prefixed, rest, query.as_deref())
+            .await?
+        {
+            Verdict::Allow => {}
+            Verdict::Answered => return Ok(true),
         }
+        if !upstream.ready {
+            return page(
+                session,
+                503,
+                "Your workspace is starting",
+                "Your workspace is starting. This page reloads itself until it is ready.",
+                Some(2),
+            )
+            .await;
+        }
+        let purpose = &upstream.purpose;
+        let counts = is_user_activity(rest, &purpose.keepalive_paths);
+        if counts {
+            upstream.touch(now_ms());
+        }
+        let strip = purpose.strip_prefix || !prefixed;
+        let path = upstream_path(&full_path, rest, query.as_deref(), strip);
+        let timeout = if session.is_upgrade_req() {
+            self.config.websocket_idle_timeout
+        } else {
+            self.config.downstream_read_timeout
+        };
+        session.set_read_timeout(timeout);
+        ctx.destination = Some(Destination::Instance {
+            id,
+            upstream,
+            path,
+            prefixed,
+            counts,
+        });
+        Ok(false)
     }
 
     async fn upstream_peer(
@@ -256,9 +473,29 @@ impl ProxyHttp for EdgeProxy {
             request.remove_header(&name);
         }
         request.remove_header("forwarded");
+        // Our session cookie is ours: the workspace never sees it.
+        let cookies: Vec<String> = request
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        if cookies.iter().any(|c| cookie(c, SESSION_COOKIE).is_some()) {
+            request.remove_header(&http::header::COOKIE);
+            for value in cookies
+                .iter()
+                .filter_map(|c| without_cookie(c, SESSION_COOKIE))
+            {
+                request.append_header(http::header::COOKIE, value)?;
+            }
+        }
         match &ctx.destination {
             Some(Destination::Instance {
-                id, upstream, path, ..
+                id,
+                upstream,
+                path,
+                prefixed,
+                ..
             }) => {
                 request.set_uri(path.parse().map_err(|_| {
                     Error::explain(
@@ -269,7 +506,7 @@ impl ProxyHttp for EdgeProxy {
                 if let Some(address) = &upstream.address {
                     request.insert_header(http::header::HOST, address.as_str())?;
                 }
-                if upstream.purpose.strip_prefix {
+                if upstream.purpose.strip_prefix && *prefixed {
                     request.insert_header("x-rstudio-root-path", format!("/{id}"))?;
                 }
             }
@@ -317,7 +554,13 @@ impl ProxyHttp for EdgeProxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(Destination::Instance { id, upstream, .. }) = &ctx.destination else {
+        let Some(Destination::Instance {
+            id,
+            upstream,
+            prefixed,
+            ..
+        }) = &ctx.destination
+        else {
             return Ok(());
         };
         if let Some(location) = response
@@ -330,9 +573,18 @@ impl ProxyHttp for EdgeProxy {
                 upstream.address.as_deref().unwrap_or_default(),
                 addr.as_str(),
             ];
-            if let Some(rewritten) = rewrite_location(location, id.as_str(), &hosts) {
+            let rewritten = if *prefixed {
+                rewrite_location(location, id.as_str(), &hosts)
+            } else {
+                strip_upstream_origin(location, &hosts)
+            };
+            if let Some(rewritten) = rewritten {
                 response.insert_header(http::header::LOCATION, rewritten)?;
             }
+        }
+        if !*prefixed {
+            // Its own origin: the workspace's cookies need no scoping.
+            return Ok(());
         }
         let cookies: Vec<String> = response
             .headers

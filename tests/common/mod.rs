@@ -50,6 +50,13 @@ pub struct Options {
     pub provider_yaml: Option<String>,
     pub pool_name: String,
     pub ready_timeout_seconds: u64,
+    /// The `auth:` section; open access (`mode: none`, loopback only) if `None`.
+    pub auth_yaml: Option<String>,
+    /// The host the command API listens on (`0.0.0.0` makes it non-loopback); requests go
+    /// to 127.0.0.1 either way.
+    pub api_host: String,
+    /// The bearer token of the command API; sent with every command when set.
+    pub api_token: Option<String>,
     pub env: Vec<(String, String)>,
 }
 
@@ -63,6 +70,9 @@ impl Default for Options {
             provider_yaml: None,
             pool_name: "test-pool".into(),
             ready_timeout_seconds: 30,
+            auth_yaml: None,
+            api_host: "127.0.0.1".into(),
+            api_token: None,
             env: Vec::new(),
         }
     }
@@ -109,7 +119,8 @@ impl Server {
             "version: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
              pool:\n  name: {pool}\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: {ready}\n  reconcile_interval_ms: 200\n\
              {provider}\
-             api:\n  listen: {api}\n\
+             {auth}\
+             api:\n  listen: {api_host}:{api_port}\n{token}\
              proxy:\n  listen: {proxy}\n  timeout_instance_ms: {timeout}\n{extra}",
             pool = o.pool_name,
             ready = o.ready_timeout_seconds,
@@ -119,7 +130,14 @@ impl Server {
             )),
             min = o.min_free,
             max = o.max,
-            api = self.api,
+            auth = o.auth_yaml.clone().unwrap_or_else(|| "auth:\n  mode: none\n".into()),
+            api_host = o.api_host,
+            api_port = self.api.port(),
+            token = o
+                .api_token
+                .as_ref()
+                .map(|t| format!("  token: {t}\n"))
+                .unwrap_or_default(),
             proxy = self.proxy,
             timeout = o.timeout_instance_ms,
             extra = o.extra_yaml,
@@ -219,13 +237,11 @@ impl Server {
     }
 
     pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .client
-            .post(format!("http://{}/", self.api))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let mut request = self.client.post(format!("http://{}/", self.api)).body(body);
+        if let Some(token) = &self.options.api_token {
+            request = request.bearer_auth(token);
+        }
+        let r = request.send().await.unwrap();
         let status = r.status().as_u16();
         let text = r.text().await.unwrap();
         let value =
