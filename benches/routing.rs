@@ -7,33 +7,20 @@
 use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use rstudio_pool::config::Purpose;
+use rstudio_pool::config::{Config, EMBEDDED_DEFAULT};
 use rstudio_pool::core::ids::InstanceId;
-use rstudio_pool::core::pool::Limits;
 use rstudio_pool::core::route::{
     is_user_activity, parse, rewrite_location, rewrite_set_cookie, upstream_path, Target,
 };
-use rstudio_pool::service::manager::{upstream_cache, Upstream};
+use rstudio_pool::service::manager::{upstream_cache, Stage, Upstream};
 
 fn routing(c: &mut Criterion) {
-    let purpose = Arc::new(Purpose {
-        name: "rstudio".into(),
-        limits: Limits {
-            min_free: 1,
-            max: 100_000,
-        },
-        command: vec![],
-        port: 8787,
-        strip_prefix: true,
-        readiness_path: "/images/favicon.ico".into(),
-        keepalive_paths: vec!["/events/get_events".into()],
-        idle_timeout: Duration::from_secs(3600),
-        image: None,
-        docker_args: vec![],
-    });
+    // The rstudio purpose exactly as the embedded default configures it.
+    let config =
+        Config::from_yaml(EMBEDDED_DEFAULT, &|_| None).expect("the embedded default is valid");
+    let purpose = Arc::new(config.purposes["rstudio"].clone());
     let cache = upstream_cache();
     let ids: Vec<InstanceId> = (0..100_000u128)
         .map(|n| InstanceId::from_bits(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
@@ -46,6 +33,7 @@ fn routing(c: &mut Criterion) {
                 address: Some(format!("10.0.{}.{}:8787", n / 250, n % 250)),
                 owner: None,
                 ready: true,
+                stage: Stage::Ready,
                 activity: Arc::new(AtomicU64::new(0)),
             }),
         );

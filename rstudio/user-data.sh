@@ -2,7 +2,8 @@
 # User data of an rstudio-pool EC2 workspace: runs once, as root, at first boot.
 # Installs docker, logs in to the registry, and runs the purpose's image so that a reboot
 # brings it back. Rendered by rstudio-pool: {{image}}, {{port}}, {{container_port}},
-# {{registry}}, {{region}}, {{docker_args}} are filled in; the result must stay under 16 KB.
+# {{registry}}, {{region}}, {{docker_args}}, {{container_command}} are filled in; the result
+# must stay under 16 KB. The container command may use ${INSTANCE_ID} (JupyterLab's base URL).
 set -euxo pipefail
 
 if ! command -v docker >/dev/null 2>&1; then
@@ -27,6 +28,13 @@ if [ -n "$REGISTRY" ]; then
   aws ecr get-login-password --region "{{region}}" | docker login --username AWS --password-stdin "$REGISTRY"
 fi
 
+# The instance's own id, from IMDSv2 (the hop limit of 1 keeps it out of the container).
+IMDS_TOKEN=$(curl -sS -X PUT http://169.254.169.254/latest/api/token \
+  -H "X-aws-ec2-metadata-token-ttl-seconds: 300")
+INSTANCE_ID=$(curl -sS -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" \
+  http://169.254.169.254/latest/meta-data/instance-id)
+export INSTANCE_ID
+
 docker pull "{{image}}"
 docker run -d --name workspace --restart unless-stopped \
-  -p {{port}}:{{container_port}} {{docker_args}} "{{image}}"
+  -p {{port}}:{{container_port}} {{docker_args}} "{{image}}" {{container_command}}

@@ -6,19 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
-# The EC2 provider is tested against moto, a local EC2 API, installed into a virtualenv
-# outside the clone.
+# The EC2 provider is tested against moto, a local EC2 API, and the jupyter purpose against
+# a real JupyterLab; both live in a virtualenv outside the clone.
 VENV="${RSTUDIO_POOL_VENV:-$HOME/.cache/rstudio-pool-venv}"
-if [ ! -x "$VENV/bin/moto_server" ]; then
-  echo "setup: installing moto into $VENV" >&2
+if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/jupyter-lab" ]; then
+  echo "setup: installing moto and JupyterLab into $VENV" >&2
   python3 -m venv "$VENV" 2>/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$VENV"
   }
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q 'moto[server,ec2]>=5,<6'
+  "$VENV/bin/pip" install -q 'moto[server,ec2]>=5,<6' 'jupyterlab>=4,<5'
 fi
 export MOTO_SERVER="$VENV/bin/moto_server"
+export RSTUDIO_POOL_VENV="$VENV"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

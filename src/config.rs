@@ -208,6 +208,12 @@ struct PurposeSection {
     timeout_instance_ms: Option<u64>,
     image: Option<String>,
     docker_args: Option<Vec<String>>,
+    container_command: Option<Vec<String>>,
+    readiness_status: Option<u16>,
+    readiness_user_agent: Option<String>,
+    root_path_header: Option<String>,
+    image_id: Option<String>,
+    instance_type: Option<String>,
 }
 
 // ---- The validated configuration ----
@@ -370,6 +376,30 @@ pub struct Purpose {
     pub image: Option<String>,
     /// Extra `docker run` arguments (environment, volumes).
     pub docker_args: Vec<String>,
+    /// Arguments after the image in `docker run` (the container's command); `{base_path}`
+    /// becomes `/<instance id>/` on the instance.
+    pub container_command: Vec<String>,
+    /// The status the readiness probe expects; any 2xx or 3xx when `None`.
+    pub readiness_status: Option<u16>,
+    /// The probe's `User-Agent`: RStudio redirects `/` for agents that are not browsers.
+    pub readiness_user_agent: String,
+    /// The header that tells a prefix-stripped workspace its root (`X-RStudio-Root-Path`).
+    pub root_path_header: Option<String>,
+    /// This purpose's AMI and instance type on EC2, over the provider's.
+    pub image_id: Option<String>,
+    pub instance_type: Option<String>,
+}
+
+impl Purpose {
+    /// The probe's path on the workspace: under the instance's prefix when the workspace
+    /// keeps it (JupyterLab serves from its base URL).
+    pub fn probe_path(&self, id: &str) -> String {
+        if self.strip_prefix {
+            self.readiness_path.clone()
+        } else {
+            format!("/{id}{}", self.readiness_path)
+        }
+    }
 }
 
 impl Config {
@@ -681,6 +711,21 @@ fn build(
                     .docker_args
                     .or(preset.docker_args)
                     .unwrap_or_default(),
+                container_command: section
+                    .container_command
+                    .or(preset.container_command)
+                    .unwrap_or_default(),
+                readiness_status: section.readiness_status.or(preset.readiness_status),
+                readiness_user_agent: section
+                    .readiness_user_agent
+                    .or(preset.readiness_user_agent)
+                    .unwrap_or_else(|| "rstudio-pool readiness probe".into()),
+                root_path_header: section
+                    .root_path_header
+                    .or(preset.root_path_header)
+                    .filter(|h| !h.is_empty()),
+                image_id: section.image_id.or(preset.image_id),
+                instance_type: section.instance_type.or(preset.instance_type),
             },
         );
     }
@@ -865,7 +910,16 @@ fn ec2_config(
             .replace("{{container_port}}", &purpose.port.to_string())
             .replace("{{registry}}", registry.as_deref().unwrap_or_default())
             .replace("{{region}}", region.as_deref().unwrap_or_default())
-            .replace("{{docker_args}}", &purpose.docker_args.join(" "));
+            .replace("{{docker_args}}", &purpose.docker_args.join(" "))
+            .replace(
+                "{{container_command}}",
+                &purpose
+                    .container_command
+                    .iter()
+                    .map(|a| shell_quote(&a.replace("{base_path}", "/${INSTANCE_ID}/")))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
         if rendered.len() > MAX_USER_DATA_BYTES {
             return Err(invalid(
                 "provider.ec2.user_data_template",
@@ -914,6 +968,15 @@ fn ec2_config(
     })
 }
 
+/// Double-quotes a word for the user data script, keeping `${INSTANCE_ID}` expandable.
+fn shell_quote(word: &str) -> String {
+    let escaped = word
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('`', "\\`");
+    format!("\"{escaped}\"")
+}
+
 /// 0 means "no timeout".
 fn optional_ms(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
@@ -938,25 +1001,100 @@ fn check_limits(limits: Limits, key: &'static str, env: Option<&str>) -> Result<
 
 /// The built-in facts of a known purpose (DESIGN.md section 5); every key can be overridden.
 fn preset(name: &str) -> PurposeSection {
+    let args = |list: &[&str]| Some(list.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     match name {
         "rstudio" => PurposeSection {
-            command: Some(vec![
-                "{exe}".into(),
-                "demo-workspace".into(),
-                "--port".into(),
-                "{port}".into(),
-                "--instance-id".into(),
-                "{instance_id}".into(),
+            command: args(&[
+                "{exe}",
+                "demo-workspace",
+                "--port",
+                "{port}",
+                "--instance-id",
+                "{instance_id}",
             ]),
             port: Some(8787),
             strip_prefix: Some(true),
             readiness_path: Some("/images/favicon.ico".into()),
-            keepalive_paths: Some(vec!["/events/get_events".into()]),
+            // RStudio sends non-browser agents from / to a sign-in redirect.
+            readiness_user_agent: Some("Mozilla/5.0 (rstudio-pool readiness probe)".into()),
+            keepalive_paths: args(&["/events/get_events"]),
+            root_path_header: Some("X-RStudio-Root-Path".into()),
+            ..PurposeSection::default()
+        },
+        // JupyterLab knows its base URL, so the prefix is kept; the proxy does access control,
+        // so its own token, password and origin checks are off.
+        "jupyter" => PurposeSection {
+            command: args(&[
+                "jupyter-lab",
+                "--no-browser",
+                "--ip=127.0.0.1",
+                "--port={port}",
+                "--ServerApp.base_url={base_path}",
+                "--IdentityProvider.token=",
+                "--ServerApp.password=",
+                "--ServerApp.allow_origin=*",
+                "--ServerApp.disable_check_xsrf=True",
+                "--ServerApp.root_dir=.",
+                // Harmless for a normal user; needed where the pool runs as root (CI).
+                "--allow-root",
+            ]),
+            port: Some(8888),
+            strip_prefix: Some(false),
+            readiness_path: Some("/api".into()),
+            // The lab polls its REST API in the background for as long as a tab is open.
+            keepalive_paths: args(&["/api/*", "/lab/api/*"]),
+            image: Some("quay.io/jupyter/base-notebook:latest".into()),
+            container_command: args(&[
+                "start-notebook.py",
+                "--ServerApp.base_url={base_path}",
+                "--IdentityProvider.token=",
+                "--ServerApp.password=",
+                "--ServerApp.allow_origin=*",
+                "--ServerApp.disable_check_xsrf=True",
+            ]),
+            ..PurposeSection::default()
+        },
+        "code-server" => PurposeSection {
+            command: args(&[
+                "code-server",
+                "--bind-addr",
+                "127.0.0.1:{port}",
+                "--auth",
+                "none",
+                "--disable-telemetry",
+                ".",
+            ]),
+            port: Some(8080),
+            strip_prefix: Some(true),
+            readiness_path: Some("/healthz".into()),
+            image: Some("codercom/code-server:latest".into()),
+            container_command: args(&[
+                "--bind-addr",
+                "0.0.0.0:8080",
+                "--auth",
+                "none",
+                "--disable-telemetry",
+            ]),
+            ..PurposeSection::default()
+        },
+        "shiny" => PurposeSection {
+            command: args(&[
+                "R",
+                "-e",
+                "shiny::runApp('.', host = '127.0.0.1', port = {port})",
+            ]),
+            port: Some(3838),
+            strip_prefix: Some(true),
+            readiness_path: Some("/".into()),
+            image: Some("rocker/shiny:latest".into()),
             ..PurposeSection::default()
         },
         _ => PurposeSection::default(),
     }
 }
+
+/// The purposes with built-in presets.
+pub const PRESETS: [&str; 4] = ["rstudio", "jupyter", "code-server", "shiny"];
 
 #[cfg(test)]
 mod tests {

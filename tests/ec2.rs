@@ -420,3 +420,64 @@ async fn a_failing_launch_says_what_to_fix_and_backs_off() {
     );
     assert!(s.moto.live("pool-f").await.is_empty());
 }
+
+#[tokio::test]
+async fn each_purpose_launches_its_own_image_and_port() {
+    let s = setup().await;
+    let mut o = options(&s, "pool-p", 0, 3);
+    o.extra_yaml = format!(
+        "purposes:\n  rstudio:\n    port: {}\n  jupyter:\n    min_free_instances: 1\n    instance_type: t3.xlarge\n",
+        s.stand.port
+    );
+    let server = Server::start(o).await;
+    let instance = eventually("a warm JupyterLab instance", WAIT, || async {
+        s.moto.live("pool-p").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(tag(&instance, "Purpose"), Some("jupyter"));
+    assert_eq!(
+        instance.instance_type().map(|t| t.as_str()),
+        Some("t3.xlarge")
+    );
+    let id = instance.instance_id().unwrap();
+    let attribute = s
+        .moto
+        .client
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
+    let script = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        script.contains("\"quay.io/jupyter/base-notebook:latest\""),
+        "{script}"
+    );
+    assert!(script.contains("-p 8888:8888"), "{script}");
+    assert!(
+        script.contains("\"--ServerApp.base_url=/${INSTANCE_ID}/\""),
+        "{script}"
+    );
+
+    // An RStudio request launches its own purpose's image, on the instance type of the pool.
+    let rstudio = server.request("ana").await;
+    let launched = s
+        .moto
+        .live("pool-p")
+        .await
+        .into_iter()
+        .find(|i| i.instance_id() == Some(&rstudio))
+        .unwrap();
+    assert_eq!(tag(&launched, "Purpose"), Some("rstudio"));
+    assert_eq!(
+        launched.instance_type().map(|t| t.as_str()),
+        Some("t3.small")
+    );
+}

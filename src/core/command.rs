@@ -11,6 +11,8 @@ pub enum Command {
     RequestRstudio {
         user: UserId,
         purpose: Option<String>,
+        /// Seconds to wait for the instance to be ready before answering.
+        wait: Option<u64>,
     },
     /// `GET_STATUS` without an instance lists the assigned instances.
     GetStatus {
@@ -48,6 +50,9 @@ pub enum CommandError {
         message: String,
     },
 }
+
+/// The longest `wait` a caller may ask for: an EC2 workspace is ready well within it.
+pub const MAX_WAIT_SECONDS: u64 = 900;
 
 /// Decodes one command body.
 pub fn decode(body: &[u8]) -> Result<Command, CommandError> {
@@ -97,7 +102,24 @@ pub fn decode(body: &[u8]) -> Result<Command, CommandError> {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(_) => return Err(CommandError::WrongType("purpose", "a string")),
             };
-            Ok(Command::RequestRstudio { user, purpose })
+            let wait = match payload.get("wait") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(seconds) if seconds <= MAX_WAIT_SECONDS => Some(seconds),
+                    _ => {
+                        return Err(CommandError::Invalid {
+                            field: "wait",
+                            message: format!("must be whole seconds from 0 to {MAX_WAIT_SECONDS}"),
+                        })
+                    }
+                },
+                Some(_) => return Err(CommandError::WrongType("wait", "a number of seconds")),
+            };
+            Ok(Command::RequestRstudio {
+                user,
+                purpose,
+                wait,
+            })
         }
         "GET_STATUS" => Ok(Command::GetStatus {
             instance: optional_instance(&payload)?,
@@ -151,14 +173,16 @@ mod tests {
             decode(br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":"1234-abcd"}}"#),
             Ok(Command::RequestRstudio {
                 user: UserId::parse("1234-abcd").unwrap(),
-                purpose: None
+                purpose: None,
+                wait: None
             })
         );
         assert_eq!(
-            decode(br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":42,"purpose":"jupyter"}}"#),
+            decode(br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":42,"purpose":"jupyter","wait":30}}"#),
             Ok(Command::RequestRstudio {
                 user: UserId::parse("42").unwrap(),
-                purpose: Some("jupyter".into())
+                purpose: Some("jupyter".into()),
+                wait: Some(30)
             })
         );
         assert_eq!(
@@ -218,6 +242,18 @@ mod tests {
                 "must be a string",
             ),
             (nested.as_bytes(), "not valid JSON"),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":"a","wait":"soon"}}"#,
+                "a number of seconds",
+            ),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":"a","wait":-1}}"#,
+                "whole seconds",
+            ),
+            (
+                br#"{"command":"REQUEST_RSTUDIO","payload":{"userId":"a","wait":100000}}"#,
+                "whole seconds",
+            ),
         ];
         for (body, expected) in cases {
             let err = decode(body).unwrap_err().to_string();

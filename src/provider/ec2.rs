@@ -36,6 +36,8 @@ pub struct Ec2Provider {
     config: Ec2Config,
     pool_name: String,
     ports: BTreeMap<String, u16>,
+    /// Per purpose: its own AMI and instance type, over the provider's.
+    machines: BTreeMap<String, (String, String)>,
     /// Built on first use, inside the server's runtime.
     client: OnceCell<Client>,
     launches: Mutex<TokenBucket>,
@@ -47,6 +49,20 @@ impl Ec2Provider {
             TokenBucket::new(config.launch_burst, config.launch_rate_per_second, now_ms());
         Self {
             ports: purposes.iter().map(|(n, p)| (n.clone(), p.port)).collect(),
+            machines: purposes
+                .iter()
+                .map(|(n, p)| {
+                    let image = p
+                        .image_id
+                        .clone()
+                        .unwrap_or_else(|| config.image_id.clone());
+                    let kind = p
+                        .instance_type
+                        .clone()
+                        .unwrap_or_else(|| config.instance_type.clone());
+                    (n.clone(), (image, kind))
+                })
+                .collect(),
             config,
             pool_name: pool_name.to_owned(),
             client: OnceCell::new(),
@@ -224,12 +240,22 @@ impl Provider for Ec2Provider {
         tags.extend(spec.tags.iter().map(|(k, v)| Self::tag(k, v)));
         // One token for every attempt of this launch: EC2 makes at most one instance of it.
         let client_token = format!("{}-{:016x}", self.pool_name, rand::random::<u64>());
+        let (image_id, instance_type) =
+            self.machines
+                .get(&spec.purpose)
+                .cloned()
+                .unwrap_or_else(|| {
+                    (
+                        self.config.image_id.clone(),
+                        self.config.instance_type.clone(),
+                    )
+                });
         let mut request = self
             .client()
             .await
             .run_instances()
-            .image_id(&self.config.image_id)
-            .instance_type(InstanceType::from(self.config.instance_type.as_str()))
+            .image_id(&image_id)
+            .instance_type(InstanceType::from(instance_type.as_str()))
             .min_count(1)
             .max_count(1)
             .client_token(&client_token)
@@ -287,10 +313,7 @@ impl Provider for Ec2Provider {
         let record = self.record(instance).ok_or_else(|| {
             fail("RunInstances answered with an instance without a valid id".into())
         })?;
-        info!(
-            "launched {} ({}) from {}",
-            record.id, spec.purpose, self.config.image_id
-        );
+        info!("launched {} ({}) from {image_id}", record.id, spec.purpose);
         Ok(record)
     }
 

@@ -122,9 +122,24 @@ impl CommandApi {
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
         match command {
-            Command::RequestRstudio { user, purpose } => {
+            Command::RequestRstudio {
+                user,
+                purpose,
+                wait,
+            } => {
                 let purpose = purpose.as_deref().unwrap_or(DEFAULT_PURPOSE);
-                match self.manager.request(&user, purpose).await {
+                let result = match self.manager.request(&user, purpose).await {
+                    Ok(assignment) if !assignment.ready && wait.is_some_and(|w| w > 0) => {
+                        let limit = std::time::Duration::from_secs(wait.unwrap_or(0));
+                        self.manager
+                            .wait_ready(&assignment.instance_id, limit)
+                            .await;
+                        // Asked again: the same instance, with its status now.
+                        self.manager.request(&user, purpose).await
+                    }
+                    other => other,
+                };
+                match result {
                     Ok(assignment) => (
                         StatusCode::OK,
                         serde_json::to_value(assignment).unwrap_or(Value::Null),

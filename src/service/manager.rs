@@ -88,6 +88,8 @@ pub struct Upstream {
     pub address: Option<String>,
     pub owner: Option<UserId>,
     pub ready: bool,
+    /// How far the start has come, for the progress page.
+    pub stage: Stage,
     /// The user's last activity in ms since the epoch; the proxy moves it, the idle reaper
     /// reads it. Shared, lock-free.
     pub activity: Arc<AtomicU64>,
@@ -111,6 +113,25 @@ pub fn upstream_cache() -> moka::sync::Cache<InstanceId, Arc<Upstream>> {
         // A safety net only: every change of an instance invalidates its entry.
         .time_to_live(Duration::from_secs(30))
         .build()
+}
+
+/// The start of an instance as a user sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The provider is bringing the machine up.
+    Launching,
+    /// The machine runs; the workspace does not answer yet.
+    Starting,
+    Ready,
+}
+
+/// An instance whose start failed, remembered for a while so that its user's page can say so
+/// and offer a retry.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub owner: Option<UserId>,
+    pub purpose: String,
+    pub reason: String,
 }
 
 /// What the manager knows about an instance beyond the pool's view.
@@ -170,6 +191,10 @@ pub struct PoolManager {
     links: UserLinks,
     /// The proxy's view of each instance, so that a request takes no lock.
     upstreams: moka::sync::Cache<InstanceId, Arc<Upstream>>,
+    /// Instances whose start failed, for an hour.
+    failures: moka::sync::Cache<InstanceId, Arc<Failure>>,
+    /// Bumped whenever an instance becomes ready, for callers that wait for it.
+    readiness: watch::Sender<u64>,
     ready_timeout: Duration,
     state: Mutex<State>,
     /// Wakes the reconcile loop early (after an assignment or a termination).
@@ -199,6 +224,11 @@ impl PoolManager {
                 .map(|(name, p)| (name, Arc::new(p)))
                 .collect(),
             upstreams: upstream_cache(),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+            readiness: watch::channel(0).0,
             links,
             ready_timeout,
             state: Mutex::new(State {
@@ -353,6 +383,11 @@ impl PoolManager {
         }
     }
 
+    /// A link for `user` to open `id` (with a fresh token in token mode).
+    pub fn user_link(&self, id: &InstanceId, user: &UserId) -> String {
+        self.links.for_user(id, user, now_ms())
+    }
+
     /// The workspace's address through the proxy, without credentials.
     pub fn user_url(&self, id: &InstanceId) -> String {
         self.links.base(id)
@@ -415,11 +450,66 @@ impl PoolManager {
                 address: known.record.address.clone(),
                 owner: instance.owner.clone(),
                 ready: instance.phase == Phase::Ready,
+                stage: match (instance.phase, known.record.state) {
+                    (Phase::Ready, _) => Stage::Ready,
+                    (_, ProviderState::Running) => Stage::Starting,
+                    _ => Stage::Launching,
+                },
                 activity: Arc::clone(&known.activity),
             })
         };
         self.upstreams.insert(id.clone(), Arc::clone(&upstream));
         Some(upstream)
+    }
+
+    /// Why the start of `id` failed, if it did within the last hour.
+    pub fn failure(&self, id: &InstanceId) -> Option<Arc<Failure>> {
+        self.failures.get(id)
+    }
+
+    fn record_failure(&self, id: &InstanceId, reason: String) {
+        let (owner, purpose) = {
+            let st = self.lock();
+            let Some(known) = st.known.get(id) else {
+                return;
+            };
+            let owner = st
+                .pools
+                .get(&known.purpose)
+                .and_then(|p| p.instance(id))
+                .and_then(|i| i.owner.clone());
+            (owner, known.purpose.clone())
+        };
+        self.failures.insert(
+            id.clone(),
+            Arc::new(Failure {
+                owner,
+                purpose,
+                reason,
+            }),
+        );
+    }
+
+    /// Waits until `id` is ready, at most `limit`; true when it is.
+    pub async fn wait_ready(&self, id: &InstanceId, limit: Duration) -> bool {
+        let mut changes = self.readiness.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let phase = self.instance(id).map(|v| v.phase);
+            match phase {
+                Some(Phase::Ready) => return true,
+                Some(Phase::Launching) => {}
+                _ => return false,
+            }
+            // Woken when any instance becomes ready; also every second, in case this one
+            // failed instead.
+            let wake = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = wake => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
     }
 
     /// `DELETE`: terminates the instance; the pool tops up afterwards.
@@ -734,7 +824,8 @@ impl PoolManager {
                 let Some(known) = st.known.get_mut(&record.id) else {
                     continue;
                 };
-                let moved = known.record.address != record.address;
+                let moved =
+                    known.record.address != record.address || known.record.state != record.state;
                 known.record.state = record.state;
                 known.record.address.clone_from(&record.address);
                 known.record.key_name.clone_from(&record.key_name);
@@ -791,6 +882,12 @@ impl PoolManager {
         };
         for id in vanished {
             warn!("instance {id} is gone at the provider; forgetting it");
+            let starting = self
+                .instance(&id)
+                .is_some_and(|v| v.phase == Phase::Launching);
+            if starting {
+                self.record_failure(&id, "the workspace stopped while it was starting".into());
+            }
             self.forget(&id);
             self.changed.notify_one();
         }
@@ -833,9 +930,19 @@ impl PoolManager {
         let probes = launching
             .into_iter()
             .map(|(id, address, purpose, launched_at)| async move {
-                let path = &self.purposes[&purpose].readiness_path;
+                let spec = &self.purposes[&purpose];
+                let path = spec.probe_path(id.as_str());
                 let ready = match &address {
-                    Some(a) => probe(a, path, "rstudio-pool-probe", Duration::from_secs(2)).await,
+                    Some(a) => {
+                        probe(
+                            a,
+                            &path,
+                            &spec.readiness_user_agent,
+                            spec.readiness_status,
+                            Duration::from_secs(2),
+                        )
+                        .await
+                    }
                     None => false,
                 };
                 (id, purpose, launched_at, ready)
@@ -850,11 +957,19 @@ impl PoolManager {
                 }
                 drop(st);
                 self.upstreams.invalidate(&id);
+                self.readiness.send_modify(|n| *n += 1);
                 info!("{id} ({purpose}) is ready");
             } else if now.saturating_sub(launched_at) > self.ready_timeout.as_millis() as u64 {
                 warn!(
                     "{id} ({purpose}) was not ready within {:?}; replacing it",
                     self.ready_timeout
+                );
+                self.record_failure(
+                    &id,
+                    format!(
+                        "the workspace did not answer within {} s of its launch",
+                        self.ready_timeout.as_secs()
+                    ),
                 );
                 {
                     let mut st = self.lock();

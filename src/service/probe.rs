@@ -7,12 +7,22 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Whether `GET path` on `address` (`host:port`) answers 2xx or 3xx within `deadline`.
-pub async fn probe(address: &str, path: &str, user_agent: &str, deadline: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(deadline, status_of(address, path, user_agent)).await,
-        Ok(Some(200..=399))
-    )
+/// Whether `GET path` on `address` (`host:port`) answers within `deadline` with `expected`,
+/// or with any 2xx or 3xx when `expected` is `None`.
+pub async fn probe(
+    address: &str,
+    path: &str,
+    user_agent: &str,
+    expected: Option<u16>,
+    deadline: Duration,
+) -> bool {
+    match tokio::time::timeout(deadline, status_of(address, path, user_agent)).await {
+        Ok(Some(status)) => match expected {
+            Some(want) => status == want,
+            None => (200..=399).contains(&status),
+        },
+        _ => false,
+    }
 }
 
 async fn status_of(address: &str, path: &str, user_agent: &str) -> Option<u16> {
@@ -60,6 +70,37 @@ mod tests {
         assert_eq!(parse_status_line(b""), None);
     }
 
+    /// A one-shot server answering `status` to the first request.
+    async fn answering(status: u16) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(
+                        format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn the_expected_status_decides() {
+        let ok = answering(200).await;
+        let redirect = answering(302).await;
+        let teapot = answering(418).await;
+        let second = Duration::from_secs(2);
+        assert!(probe(&ok, "/", "t", None, second).await);
+        assert!(probe(&redirect, "/", "t", None, second).await);
+        assert!(!probe(&redirect, "/", "t", Some(200), second).await);
+        assert!(!probe(&teapot, "/", "t", None, second).await);
+        assert!(probe(&teapot, "/", "t", Some(418), second).await);
+    }
+
     #[tokio::test]
     async fn a_closed_port_is_not_ready() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -72,6 +113,7 @@ mod tests {
                 &format!("127.0.0.1:{port}"),
                 "/",
                 "probe",
+                None,
                 Duration::from_secs(1)
             )
             .await

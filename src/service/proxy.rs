@@ -17,7 +17,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use super::manager::{PoolManager, Upstream};
+use super::manager::{Failure, PoolManager, Stage, Upstream};
 use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
 use crate::core::access::{
     cookie, has_dot_segment, take_link_param, without_cookie, Network, SESSION_COOKIE,
@@ -156,6 +156,13 @@ pub struct RequestCtx {
     address: Option<SocketAddr>,
 }
 
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// A small HTML page for the answers the proxy gives itself. Never names an internal address.
 async fn page(
     session: &mut Session,
@@ -189,6 +196,40 @@ async fn page(
     Ok(true)
 }
 
+/// The page a user sees while their workspace starts: where it is, reloading itself until
+/// the workspace answers in its place.
+async fn progress(session: &mut Session, stage: Stage) -> Result<bool> {
+    let steps = [
+        (Stage::Launching, "Launching a machine"),
+        (Stage::Starting, "Starting the workspace"),
+        (Stage::Ready, "Ready"),
+    ];
+    let current = steps.iter().position(|(s, _)| *s == stage).unwrap_or(0);
+    let list: String = steps
+        .iter()
+        .enumerate()
+        .map(|(i, (_, label))| {
+            let mark = match i.cmp(&current) {
+                std::cmp::Ordering::Less => "&#10003;",
+                std::cmp::Ordering::Equal => "&#8230;",
+                std::cmp::Ordering::Greater => "&#183;",
+            };
+            format!("<li>{mark} {label}</li>")
+        })
+        .collect();
+    let message = format!(
+        "Your workspace is starting; this page reloads itself and opens it as soon as it answers.</p><ol class=\"progress\">{list}</ol><p>"
+    );
+    page(
+        session,
+        503,
+        "Your workspace is starting",
+        &message,
+        Some(2),
+    )
+    .await
+}
+
 async fn redirect(session: &mut Session, location: &str, set_cookie: Option<&str>) -> Result<bool> {
     let mut header = ResponseHeader::build(302, Some(4))?;
     header.insert_header("location", location)?;
@@ -203,19 +244,90 @@ async fn redirect(session: &mut Session, location: &str, set_cookie: Option<&str
     Ok(true)
 }
 
+/// The path, under an instance, that retries a failed start.
+const RETRY_PATH: &str = "/.rstudio-pool/retry";
+
 impl EdgeProxy {
+    /// The page of an instance whose start failed: what happened, and a button that asks the
+    /// pool for a new workspace and goes there.
+    async fn failed(
+        &self,
+        session: &mut Session,
+        id: &InstanceId,
+        failure: &Failure,
+        prefixed: bool,
+        rest: &str,
+        query: Option<&str>,
+    ) -> Result<bool> {
+        let owner = failure.owner.as_ref().map(|u| u.as_str());
+        match self
+            .check_access(session, id, owner, prefixed, rest, query)
+            .await?
+        {
+            Verdict::Allow => {}
+            Verdict::Answered => return Ok(true),
+        }
+        let retry_path = if prefixed {
+            format!("/{id}{RETRY_PATH}")
+        } else {
+            RETRY_PATH.to_owned()
+        };
+        if rest == RETRY_PATH && session.req_header().method == http::Method::POST {
+            let Some(user) = &failure.owner else {
+                return page(
+                    session,
+                    404,
+                    "Workspace not found",
+                    "This workspace was nobody's.",
+                    None,
+                )
+                .await;
+            };
+            return match self.manager.request(user, &failure.purpose).await {
+                Ok(assignment) => {
+                    let link = self.manager.user_link(&assignment.instance_id, user);
+                    redirect(session, &link, None).await
+                }
+                Err(e) => {
+                    let message = format!(
+                        "A new workspace could not be had either: {e}. Try again in a minute."
+                    );
+                    page(
+                        session,
+                        503,
+                        "No workspace yet",
+                        &escape_html(&message),
+                        None,
+                    )
+                    .await
+                }
+            };
+        }
+        let message = format!(
+            "Your workspace could not start: {}.</p><form method=\"post\" action=\"{retry_path}\"><button type=\"submit\">Start a new workspace</button></form><p>",
+            escape_html(&failure.reason)
+        );
+        page(
+            session,
+            503,
+            "Your workspace could not start",
+            &message,
+            None,
+        )
+        .await
+    }
+
     /// Lets the owner in and nobody else. In token mode a request carrying a link is answered
     /// with a session cookie and a redirect to the same address without the link.
     async fn check_access(
         &self,
         session: &mut Session,
         id: &InstanceId,
-        upstream: &Upstream,
+        owner: Option<&str>,
         prefixed: bool,
         rest: &str,
         query: Option<&str>,
     ) -> Result<Verdict> {
-        let owner = upstream.owner.as_ref().map(|u| u.as_str());
         let denied = "This link is not valid (links work once and expire after a few minutes), or you are not signed in to this workspace. Open your workspace from the application again.";
         match &self.access {
             Access::Open => Ok(Verdict::Allow),
@@ -368,31 +480,33 @@ impl ProxyHttp for EdgeProxy {
                 };
             }
         };
-        let Some((id, upstream)) = InstanceId::parse(id)
-            .ok()
-            .and_then(|id| self.manager.upstream(&id).map(|u| (id, u)))
-        else {
-            return page(session, 404, "Workspace not found", "This workspace does not exist or has been shut down. Ask the application for a new one.", None).await;
+        let not_found = "This workspace does not exist or has been shut down. Ask the application for a new one.";
+        let Ok(id) = InstanceId::parse(id) else {
+            return page(session, 404, "Workspace not found", not_found, None).await;
         };
+        let Some(upstream) = self.manager.upstream(&id) else {
+            return match self.manager.failure(&id) {
+                Some(failure) => {
+                    self.failed(session, &id, &failure, prefixed, rest, query.as_deref())
+                        .await
+                }
+                None => page(session, 404, "Workspace not found", not_found, None).await,
+            };
+        };
+        let owner = upstream.owner.as_ref().map(|u| u.as_str());
         match self
-            .check_access(session, &id, &upstream, prefixed, rest, query.as_deref())
+            .check_access(session, &id, owner, prefixed, rest, query.as_deref())
             .await?
         {
             Verdict::Allow => {}
             Verdict::Answered => return Ok(true),
         }
         if !upstream.ready {
-            return page(
-                session,
-                503,
-                "Your workspace is starting",
-                "Your workspace is starting. This page reloads itself until it is ready.",
-                Some(2),
-            )
-            .await;
+            return progress(session, upstream.stage).await;
         }
         let purpose = &upstream.purpose;
-        let counts = is_user_activity(rest, &purpose.keepalive_paths);
+        // Keepalive paths describe plain requests; on a socket, what the client sends counts.
+        let counts = session.is_upgrade_req() || is_user_activity(rest, &purpose.keepalive_paths);
         if counts {
             upstream.touch(now_ms());
         }
@@ -506,8 +620,10 @@ impl ProxyHttp for EdgeProxy {
                 if let Some(address) = &upstream.address {
                     request.insert_header(http::header::HOST, address.as_str())?;
                 }
-                if upstream.purpose.strip_prefix && *prefixed {
-                    request.insert_header("x-rstudio-root-path", format!("/{id}"))?;
+                if let Some(header) = &upstream.purpose.root_path_header {
+                    if upstream.purpose.strip_prefix && *prefixed {
+                        request.insert_header(header.clone(), format!("/{id}"))?;
+                    }
                 }
             }
             Some(Destination::Default(default)) => {

@@ -1,0 +1,313 @@
+//! Several purposes side by side, JupyterLab as a real third-party workload, the progress
+//! page, and starts that fail (issue 6).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, is_known, wait_ready, Options, Server};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// PATH with the test virtualenv (where scripts/test.sh installs JupyterLab) first, so that
+/// the jupyter preset's `jupyter-lab` is found as it would be on a laptop.
+fn path_with_venv() -> (String, String) {
+    let venv = std::env::var("RSTUDIO_POOL_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/rstudio-pool-venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let bin = format!("{venv}/bin");
+    assert!(
+        std::path::Path::new(&format!("{bin}/jupyter-lab")).exists(),
+        "no JupyterLab in {bin}: run scripts/test.sh, which installs it"
+    );
+    (
+        "PATH".into(),
+        format!("{bin}:{}", std::env::var("PATH").unwrap_or_default()),
+    )
+}
+
+#[tokio::test]
+async fn two_purposes_keep_their_own_sizes_and_timeouts() {
+    let server = Server::start(Options {
+        min_free: 1,
+        max: 3,
+        timeout_instance_ms: 3000,
+        env: vec![path_with_venv()],
+        extra_yaml: "purposes:\n  jupyter:\n    min_free_instances: 1\n    max_instances: 2\n    timeout_instance_ms: 600000\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "ana", "purpose": "cobol"}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("`jupyter`") && message.contains("`rstudio`"),
+        "{message}"
+    );
+
+    // JupyterLab first: RStudio's 3 s idle timeout would cull it while we wait for JupyterLab.
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "ana", "purpose": "jupyter", "wait": 60}),
+        )
+        .await;
+    let rstudio = server.request("ana").await;
+    assert_eq!(status, 200, "{body}");
+    let jupyter = body["instanceId"].as_str().unwrap().to_owned();
+    assert_eq!(body["ready"], json!(true), "waited for readiness: {body}");
+    assert_ne!(rstudio, jupyter, "one instance per purpose");
+    assert_eq!(
+        server
+            .command("GET_STATUS", json!({"instanceId": jupyter}))
+            .await
+            .1["instance"]["Purpose"],
+        json!("jupyter")
+    );
+    assert_eq!(
+        server
+            .command("GET_STATUS", json!({"instanceId": rstudio}))
+            .await
+            .1["instance"]["Purpose"],
+        json!("rstudio")
+    );
+
+    // Each purpose keeps its own minimum and maximum.
+    eventually("each purpose has one free instance", WAIT, || async {
+        (server.free("rstudio").await == 1 && server.free("jupyter").await == 1).then_some(())
+    })
+    .await;
+    server.request("bo").await;
+    let (status, _) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "bo", "purpose": "jupyter"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "cy", "purpose": "jupyter"}),
+        )
+        .await;
+    assert_eq!(status, 429, "jupyter's maximum is 2: {body}");
+
+    // Culling follows each purpose's timeout: RStudio's 3 s, JupyterLab's 10 minutes.
+    eventually("ana's unvisited RStudio is culled", WAIT, || async {
+        (!is_known(&server, &rstudio).await).then_some(())
+    })
+    .await;
+    assert!(
+        is_known(&server, &jupyter).await,
+        "JupyterLab was culled with RStudio's timeout"
+    );
+}
+
+/// One Jupyter protocol message on the shell channel.
+fn execute_request(code: &str) -> String {
+    let id = format!("{:032x}", rand::random::<u128>());
+    json!({
+        "header": {"msg_id": id, "username": "test", "session": "rstudio-pool-test",
+                    "msg_type": "execute_request", "version": "5.3", "date": "2026-01-01T00:00:00Z"},
+        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+        "content": {"code": code, "silent": false, "store_history": false,
+                     "user_expressions": {}, "allow_stdin": false, "stop_on_error": true}
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn jupyterlab_runs_code_through_the_proxy_and_its_polling_is_not_activity() {
+    const TIMEOUT_MS: u64 = 6000;
+    let server = Server::start(Options {
+        min_free: 0,
+        env: vec![path_with_venv()],
+        extra_yaml: format!("purposes:\n  jupyter:\n    timeout_instance_ms: {TIMEOUT_MS}\n"),
+        ..Options::default()
+    })
+    .await;
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "ana", "purpose": "jupyter", "wait": 60}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["instanceId"].as_str().unwrap().to_owned();
+    let client = server.client();
+
+    // The lab page loads through the proxy, under the instance's prefix.
+    let r = client
+        .get(server.proxy_url(&format!("/{id}/lab")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("JupyterLab"));
+
+    // A kernel started with the REST API...
+    let r = client
+        .post(server.proxy_url(&format!("/{id}/api/kernels")))
+        .json(&json!({"name": "python3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let kernel: Value = r.json().await.unwrap();
+    let kernel_id = kernel["id"].as_str().unwrap();
+
+    // ...runs code sent over its WebSocket through the proxy.
+    let url = format!(
+        "ws://{}/{id}/api/kernels/{kernel_id}/channels",
+        server.proxy
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    socket
+        .send(Message::text(execute_request("print(6 * 7)")))
+        .await
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(message) = socket.next().await {
+            let Ok(Message::Text(text)) = message else {
+                continue;
+            };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["header"]["msg_type"] == json!("stream") {
+                return value["content"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+        }
+        String::new()
+    })
+    .await
+    .expect("the kernel's output within 60 s");
+    assert_eq!(output, "42\n");
+    socket.close(None).await.unwrap();
+
+    // JupyterLab's background polling of its REST API does not keep the instance alive.
+    let started = Instant::now();
+    let polling = async {
+        while is_known(&server, &id).await {
+            for path in [
+                "api/kernels",
+                "api/sessions",
+                "api/status",
+                "lab/api/settings",
+            ] {
+                let _ = client
+                    .get(server.proxy_url(&format!("/{id}/{path}")))
+                    .send()
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                started.elapsed() < WAIT,
+                "still alive after {WAIT:?} of polling only"
+            );
+        }
+    };
+    polling.await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(TIMEOUT_MS / 2),
+        "culled too early: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_progress_page_gives_way_to_the_workspace() {
+    let server = Server::start(Options {
+        min_free: 0,
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sh\", \"-c\", \"sleep 2; exec {exe} demo-workspace --port {port} --instance-id {instance_id}\"]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("ana").await;
+    let r = server
+        .client()
+        .get(server.proxy_url(&format!("/{id}/")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "2");
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Starting the workspace") && page.contains("http-equiv=\"refresh\""),
+        "{page}"
+    );
+    wait_ready(&server, &id).await;
+    let page = server
+        .client()
+        .get(server.proxy_url(&format!("/{id}/")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&id), "{page}");
+}
+
+#[tokio::test]
+async fn a_start_that_fails_is_shown_with_a_retry() {
+    let server = Server::start(Options {
+        min_free: 0,
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sh\", \"-c\", \"echo cannot start >&2; exit 3\"]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("ana").await;
+    let page = eventually(
+        "the failure is shown on the workspace's page",
+        WAIT,
+        || async {
+            let r = server
+                .client()
+                .get(server.proxy_url(&format!("/{id}/")))
+                .send()
+                .await
+                .ok()?;
+            let page = r.text().await.ok()?;
+            page.contains("could not start").then_some(page)
+        },
+    )
+    .await;
+    assert!(page.contains("stopped while it was starting"), "{page}");
+    assert!(
+        page.contains(&format!("action=\"/{id}/.rstudio-pool/retry\"")),
+        "{page}"
+    );
+    assert!(
+        !is_known(&server, &id).await,
+        "the failed instance is out of the pool"
+    );
+
+    // Retry: a new instance for the same user, and the browser is sent there.
+    let r = server
+        .client()
+        .post(server.proxy_url(&format!("/{id}/.rstudio-pool/retry")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(!location.contains(&id), "{location}");
+    let (_, status) = server.command("GET_STATUS", json!({})).await;
+    let new_id = status["instances"][0].as_str().unwrap().to_owned();
+    assert!(location.contains(&new_id), "{location} is not {new_id}");
+}
