@@ -101,11 +101,31 @@ impl Network {
 /// are refused: what a workspace makes of them is its own business, and we do not want to
 /// find out.
 pub fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let lower = segment.to_ascii_lowercase();
-        let decoded = lower.replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot written plainly or as `%2e`. Allocation-free: it runs per request.
+fn is_dot_segment(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
+    let (mut i, mut dots) = (0, 0);
+    while i < bytes.len() {
+        if bytes[i] == b'.' {
+            i += 1;
+        } else if bytes[i] == b'%'
+            && bytes.len() >= i + 3
+            && bytes[i + 1] == b'2'
+            && (bytes[i + 2] | 0x20) == b'e'
+        {
+            i += 3;
+        } else {
+            return false;
+        }
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
+    }
+    dots > 0
 }
 
 #[cfg(test)]
@@ -168,7 +188,15 @@ mod tests {
         ] {
             assert!(has_dot_segment(bad), "{bad}");
         }
-        for good in ["/i-1/a..b/x", "/i-1/.hidden", "/i-1/x%2fy", "/"] {
+        for good in [
+            "/i-1/a..b/x",
+            "/i-1/.hidden",
+            "/i-1/x%2fy",
+            "/",
+            "/i-1/.../x",
+            "/i-1/%2e%2e%2e",
+            "/i-1/%2",
+        ] {
             assert!(!has_dot_segment(good), "{good}");
         }
     }

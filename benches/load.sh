@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# The load benchmark of the edge proxy, in one run on one machine:
+#   1. HTTP: one upstream (nginx serving a small fixed answer, started by rstudio-pool's process
+#      provider as a workspace and registered through the command API), and in front of it, one
+#      at a time: rstudio-pool (routing, rewriting, token access check and activity tracking
+#      all on), nginx with an equivalent prefix-stripping config, configurable-http-proxy, and
+#      the bare Pingora proxy of benches/bare_proxy.rs. wrk drives each: keep-alive, 1 thread,
+#      $CONNS connections, $DURATION s, $ROUNDS rounds in alternating order. One worker each.
+#   2. WebSockets: $WS_SOCKETS sockets through rstudio-pool, nginx and configurable-http-proxy
+#      to the demo workspace's echo, each sending one small message a second for $WS_SECONDS s.
+#   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
+#      ready instances warm.
+# Prints one table per part; figures are ratios to nginx measured in the same run.
+#
+#   benches/load.sh                          # everything, about 6 minutes
+#   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+DURATION="${DURATION:-10}"
+CONNS="${CONNS:-50}"
+ROUNDS="${ROUNDS:-2}"
+WS_SOCKETS="${WS_SOCKETS:-1000 10000}"
+WS_SECONDS="${WS_SECONDS:-30}"
+API_CALLERS="${API_CALLERS:-200}"
+PARTS="${PARTS:-http ws api}"
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  echo "load: installing ${need_apt[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+NODE_DIR="${RSTUDIO_POOL_BENCH_NODE:-$HOME/.cache/rstudio-pool-bench}"
+CHP="$NODE_DIR/node_modules/.bin/configurable-http-proxy"
+if [ ! -x "$CHP" ]; then
+  echo "load: installing configurable-http-proxy into $NODE_DIR" >&2
+  mkdir -p "$NODE_DIR" && (cd "$NODE_DIR" && npm install --silent configurable-http-proxy >/dev/null)
+fi
+
+cargo build --release --bin rstudio-pool --example bare_proxy --example ws_load --example api_load 2>&1 | tail -1 >&2
+BIN="$CARGO_TARGET_DIR/release"
+NGINX="$(command -v nginx)"
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+WORK="$(mktemp -d /tmp/rstudio-pool-load.XXXXXX)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Workspaces started by the process provider run in their own process groups, in folders
+  # under $WORK.
+  for p in /proc/[0-9]*; do
+    case "$(readlink "$p/cwd" 2>/dev/null)" in "$WORK"/*) kill -9 "${p#/proc/}" 2>/dev/null || true ;; esac
+  done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+# Peak resident memory (VmHWM) in MB of the given processes (nginx: master and worker).
+peak_mb() { local total=0; for p in "$@"; do
+  local kb; kb=$(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); total=$((total + ${kb:-0})); done
+  calc "$total / 1024"; }
+rss_kb() { local total=0; for p in "$@"; do
+  local kb; kb=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0); total=$((total + ${kb:-0})); done
+  echo "$total"; }
+
+# ---- The workspace upstream: nginx with a fixed answer, started by the process provider ----
+cat > "$WORK/upstream.sh" <<EOF
+#!/bin/sh
+# A workspace for the benchmark: nginx answering a small fixed body on port \$1.
+mkdir -p "$WORK/up-\$1"
+cat > "$WORK/up-\$1/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/up-\$1/nginx.pid;
+error_log stderr error;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/up-\$1;
+  proxy_temp_path $WORK/up-\$1;
+  server { listen 127.0.0.1:\$1; keepalive_requests 1000000; location / { return 200 "hello from the workspace\n"; } }
+}
+CONF
+exec "$NGINX" -p "$WORK/up-\$1" -c "$WORK/up-\$1/nginx.conf"
+EOF
+chmod +x "$WORK/upstream.sh"
+
+API=$(port); PROXY=$(port)
+cat > "$WORK/bench.yaml" <<EOF
+version: 1
+threads: 1
+grace_period_seconds: 0
+graceful_shutdown_timeout_seconds: 0
+pool:
+  name: load-bench
+  min_free_instances: 0
+  max_instances: 400
+  reconcile_interval_ms: 500
+provider:
+  kind: process
+  state_dir: $WORK/state
+api:
+  listen: 127.0.0.1:$API
+proxy:
+  listen: 127.0.0.1:$PROXY
+  timeout_instance_ms: 3600000
+auth:
+  mode: token
+  secrets: ["load-benchmark-secret-0123456789"]
+purposes:
+  rstudio:
+    min_free_instances: 0
+  bench:
+    command: ["$WORK/upstream.sh", "{port}"]
+    readiness_path: /
+    min_free_instances: 0
+EOF
+RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/bench.yaml" > "$WORK/rstudio-pool.log" 2>&1 &
+POOL_PID=$!; PIDS+=("$POOL_PID")
+wait_port "$API"; wait_port "$PROXY"
+
+command_api() { curl -sf -X POST "http://127.0.0.1:$API/" -d "$1"; }
+json() { python3 -c "import sys,json; v=json.load(sys.stdin); print($1)"; }
+# Registers an instance of a purpose through the command API and opens its link like a
+# browser: prints "<instance id> <upstream host:port> <session cookie>".
+register() {
+  local answer id url cookie upstream
+  answer=$(command_api "{\"command\":\"REQUEST_RSTUDIO\",\"payload\":{\"userId\":\"$1\",\"purpose\":\"$2\",\"wait\":60}}")
+  id=$(echo "$answer" | json 'v["instanceId"]')
+  url=$(echo "$answer" | json 'v["url"]')
+  cookie=$(curl -si "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="set-cookie" {split($2,a,";"); print a[1]}')
+  upstream=$(command_api "{\"command\":\"GET_STATUS\",\"payload\":{\"instanceId\":\"$id\"}}" | json 'v["instance"]["url"][len("http://"):]')
+  echo "$id $upstream $cookie"
+}
+read -r ID UP COOKIE < <(register bench-http bench)
+read -r WSID DEMO WSCOOKIE < <(register bench-ws rstudio)
+echo "load: upstream nginx on $UP as $ID; demo workspace on $DEMO as $WSID" >&2
+
+# ---- The other proxies, one worker each ----
+NGX=$(port)
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log stderr error;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx;
+  proxy_temp_path $WORK/nginx;
+  upstream workspace { server $UP; keepalive 128; }
+  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }
+  server {
+    listen 127.0.0.1:$NGX;
+    keepalive_requests 1000000;
+    location /$ID/ { proxy_pass http://workspace/; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host; }
+    location /$WSID/ {
+      proxy_pass http://$DEMO/; proxy_http_version 1.1;
+      proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection \$connection_upgrade;
+      proxy_read_timeout 3600s;
+    }
+  }
+}
+EOF
+"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+NGX_PID=$!; PIDS+=("$NGX_PID")
+
+CHP_PORT=$(port); CHP_API=$(port)
+export CONFIGPROXY_AUTH_TOKEN=load-benchmark
+"$CHP" --ip 127.0.0.1 --port "$CHP_PORT" --api-ip 127.0.0.1 --api-port "$CHP_API" \
+  --no-include-prefix --log-level error > "$WORK/chp.log" 2>&1 &
+CHP_PID=$!; PIDS+=("$CHP_PID")
+
+BARE=$(port)
+"$BIN/examples/bare_proxy" "127.0.0.1:$BARE" "$UP" 1 > "$WORK/bare.log" 2>&1 &
+BARE_PID=$!; PIDS+=("$BARE_PID")
+
+wait_port "$NGX"; wait_port "$CHP_PORT"; wait_port "$CHP_API"; wait_port "$BARE"
+for route in "$ID:http://$UP" "$WSID:http://$DEMO"; do
+  curl -sf -X POST -H "Authorization: token $CONFIGPROXY_AUTH_TOKEN" \
+    "http://127.0.0.1:$CHP_API/api/routes/${route%%:*}" -d "{\"target\":\"${route#*:}\"}"
+done
+
+echo "load: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo); $(uname -r)" >&2
+echo "load: rstudio-pool $(git rev-parse --short HEAD 2>/dev/null || echo '?'), nginx $($NGINX -v 2>&1 | sed 's#.*/##'), configurable-http-proxy $("$CHP" --version 2>/dev/null || echo '?'), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}')" >&2
+
+# ---- Part 1: HTTP ----
+to_ms() { # wrk latency like 1.23ms, 456.78us, 1.02s
+  case "$1" in *us) calc "${1%us} / 1000" ;; *ms) echo "${1%ms}" ;; *s) calc "${1%s} * 1000" ;; esac; }
+declare -A RPS P50 P99
+run_wrk() { # name url [header]
+  local out
+  if [ -n "${3:-}" ]; then
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$3" "$2")
+  else
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$2")
+  fi
+  if echo "$out" | grep -qE 'Non-2xx|Socket errors'; then echo "load: $1: $(echo "$out" | grep -E 'Non-2xx|Socket errors')" >&2; fi
+  RPS[$1]="${RPS[$1]:-} $(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+  P50[$1]="${P50[$1]:-} $(to_ms "$(echo "$out" | awk '$1=="50%" {print $2}')")"
+  P99[$1]="${P99[$1]:-} $(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")"
+}
+mean() { echo "$@" | tr ' ' '\n' | awk 'NF {s+=$1; n++} END {printf "%.2f", s/n}'; }
+if [[ " $PARTS " == *" http "* ]]; then
+  ORDER=(nginx rstudio-pool chp bare-pingora)
+  for round in $(seq 1 "$ROUNDS"); do
+    for name in "${ORDER[@]}"; do
+      case $name in
+        nginx) run_wrk nginx "http://127.0.0.1:$NGX/$ID/" ;;
+        rstudio-pool) run_wrk rstudio-pool "http://127.0.0.1:$PROXY/$ID/" "Cookie: $COOKIE" ;;
+        chp) run_wrk chp "http://127.0.0.1:$CHP_PORT/$ID/" ;;
+        bare-pingora) run_wrk bare-pingora "http://127.0.0.1:$BARE/$ID/" ;;
+      esac
+      echo "load: round $round $name: $(echo "${RPS[$name]}" | awk '{print $NF}') req/s" >&2
+    done
+    # Alternate: the next round runs in the opposite order.
+    ORDER=($(printf '%s\n' "${ORDER[@]}" | tac))
+  done
+  declare -A PEAK=([nginx]=$(peak_mb "$NGX_PID" $(pgrep -P "$NGX_PID")) [rstudio-pool]=$(peak_mb "$POOL_PID") [chp]=$(peak_mb "$CHP_PID") [bare-pingora]=$(peak_mb "$BARE_PID"))
+  N_RPS=$(mean ${RPS[nginx]}); N_P99=$(mean ${P99[nginx]})
+  echo
+  echo "HTTP: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds alternating; one worker per proxy"
+  printf '| %-14s | %-22s | %8s | %8s | %8s | %9s | %8s |\n' proxy "req/s (each round)" "req/s" "p50 ms" "p99 ms" "peak MB" "vs nginx"
+  printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- ------------------------ ---------- ---------- ---------- ----------- ----------
+  for name in nginx rstudio-pool bare-pingora chp; do
+    r=$(mean ${RPS[$name]}); p50=$(mean ${P50[$name]}); p99=$(mean ${P99[$name]})
+    printf '| %-14s | %-22s | %8.0f | %8.2f | %8.2f | %9s | %5.2fx / p99 %4.2fx |\n' "$name" "$(echo ${RPS[$name]} | sed 's/\.[0-9]*//g')" "$r" "$p50" "$p99" "${PEAK[$name]}" \
+      "$(calc "$r / $N_RPS")" "$(calc "$p99 / $N_P99")"
+  done
+  B_RPS=$(mean ${RPS[bare-pingora]}); C_RPS=$(mean ${RPS[chp]}); R_RPS=$(mean ${RPS[rstudio-pool]})
+  echo "rstudio-pool vs bare Pingora: $(calc "$R_RPS / $B_RPS")x; vs configurable-http-proxy: $(calc "$R_RPS / $C_RPS")x"
+fi
+
+# ---- Part 2: WebSockets ----
+if [[ " $PARTS " == *" ws "* ]]; then
+  echo
+  echo "WebSockets: N sockets to the demo workspace's echo, one message a second each, ${WS_SECONDS} s"
+  printf '| %-14s | %6s | %6s | %6s | %7s | %9s | %9s | %12s |\n' proxy sockets failed dropped echoes "p50 ms" "p99 ms" "KB per socket"
+  printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- -------- -------- -------- --------- ----------- ----------- --------------
+  for n in $WS_SOCKETS; do
+    for name in rstudio-pool nginx chp; do
+      case $name in
+        rstudio-pool) url="ws://127.0.0.1:$PROXY/$WSID/ws"; cookie="$WSCOOKIE"; pids=("$POOL_PID") ;;
+        nginx) url="ws://127.0.0.1:$NGX/$WSID/ws"; cookie=""; pids=("$NGX_PID" $(pgrep -P "$NGX_PID")) ;;
+        chp) url="ws://127.0.0.1:$CHP_PORT/$WSID/ws"; cookie=""; pids=("$CHP_PID") ;;
+      esac
+      before=$(rss_kb "${pids[@]}")
+      fifo="$WORK/ws-$name-$n"; mkfifo "$fifo"
+      "$BIN/examples/ws_load" "$url" "$n" "$WS_SECONDS" $cookie > "$fifo" &
+      loader=$!
+      exec 9< "$fifo"
+      read -r opened <&9
+      during=$(rss_kb "${pids[@]}")
+      read -r done_line <&9
+      exec 9<&-
+      wait "$loader" || true
+      open=$(echo "$opened" | json 'v["open"]')
+      per=$(calc "($during - $before) / ($open + 0.0001)")
+      printf '| %-14s | %6s | %6s | %6s | %7s | %9s | %9s | %12s |\n' "$name" "$n" \
+        "$(echo "$done_line" | json 'v["failed"]')" "$(echo "$done_line" | json 'v["dropped"]')" \
+        "$(echo "$done_line" | json 'v["echoes"]')" "$(echo "$done_line" | json 'v["p50_ms"]')" \
+        "$(echo "$done_line" | json 'v["p99_ms"]')" "$per"
+    done
+  done
+fi
+
+# ---- Part 3: assignment from the warm pool ----
+if [[ " $PARTS " == *" api "* ]]; then
+  API2=$(port); PROXY2=$(port)
+  sed -e "s#127.0.0.1:$API#127.0.0.1:$API2#; s#127.0.0.1:$PROXY#127.0.0.1:$PROXY2#; s#state_dir: $WORK/state#state_dir: $WORK/state-api#" \
+      -e "s#^threads: 1#threads: 2#" "$WORK/bench.yaml" > "$WORK/api.yaml"
+  python3 - "$WORK/api.yaml" "$API_CALLERS" <<'EOF'
+import sys
+path, n = sys.argv[1], sys.argv[2]
+text = open(path).read().replace("  rstudio:\n    min_free_instances: 0", f"  rstudio:\n    min_free_instances: {n}")
+open(path, "w").write(text)
+EOF
+  RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
+  API_PID=$!; PIDS+=("$API_PID")
+  wait_port "$API2"
+  for _ in $(seq 1 600); do
+    ready=$(curl -sf -X POST "http://127.0.0.1:$API2/" -d '{"command":"GET_STATUS","payload":{}}' | json 'v["pools"]["rstudio"]["freeReady"]' || echo 0)
+    [ "$ready" -ge "$API_CALLERS" ] && break
+    sleep 0.5
+  done
+  echo
+  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users, $ready free ready instances warm (process provider)"
+  "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS"
+fi
