@@ -210,6 +210,21 @@ run_wrk() { # name url [header]
 }
 mean() { echo "$@" | tr ' ' '\n' | awk 'NF {s+=$1; n++} END {printf "%.2f", s/n}'; }
 if [[ " $PARTS " == *" http "* ]]; then
+  if [ -n "${PROFILE:-}" ] && command -v perf >/dev/null; then
+    # A flat profile of rstudio-pool under the same load, in a run of its own that is not
+    # measured (perf takes CPU too). Software clock: no hardware counters needed. -> $PROFILE
+    if [ "${PROFILE_TARGET:-rstudio-pool}" = bare-pingora ]; then
+      target_pid=$BARE_PID; target_url="http://127.0.0.1:$BARE/$ID/"
+    else
+      target_pid=$POOL_PID; target_url="http://127.0.0.1:$PROXY/$ID/"
+    fi
+    perf record -q -F 999 -e cpu-clock -p "$target_pid" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null &
+    perf_pid=$!
+    wrk -t1 -c"$CONNS" -d"${DURATION}s" -H "Cookie: $COOKIE" "$target_url" > /dev/null
+    wait "$perf_pid" || true
+    { perf report -q -i "$WORK/perf.data" --no-children --sort dso --stdio 2>/dev/null || true; } > "$PROFILE" || true
+    { perf report -q -i "$WORK/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null || true; } | head -80 >> "$PROFILE" || true
+  fi
   ORDER=(nginx rstudio-pool chp bare-pingora)
   for round in $(seq 1 "$ROUNDS"); do
     for name in "${ORDER[@]}"; do

@@ -29,6 +29,8 @@ fn routing(c: &mut Criterion) {
         cache.insert(
             id.clone(),
             Arc::new(Upstream {
+                id: id.clone(),
+                host_header: None,
                 purpose: Arc::clone(&purpose),
                 address: Some(format!("10.0.{}.{}:8787", n / 250, n % 250)),
                 owner: None,

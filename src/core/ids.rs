@@ -54,6 +54,14 @@ pub fn is_instance_id(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Lets maps keyed by `InstanceId` be searched with the `&str` of a request path, without
+/// allocating an id per request. Hash and equality are those of the inner string.
+impl std::borrow::Borrow<str> for InstanceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for InstanceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -83,7 +83,10 @@ pub struct InstanceView {
 /// manager whenever the instance changes (ready, released, gone).
 #[derive(Debug)]
 pub struct Upstream {
+    pub id: InstanceId,
     pub purpose: Arc<Purpose>,
+    /// `address` as a ready-made `Host` header value.
+    pub host_header: Option<http::HeaderValue>,
     /// `host:port` of the workspace, when known.
     pub address: Option<String>,
     pub owner: Option<UserId>,
@@ -434,10 +437,11 @@ impl PoolManager {
 
     /// What the proxy needs for `id`, if the pool knows it and it is not terminating. Served
     /// from a cache that every change of the instance invalidates.
-    pub fn upstream(&self, id: &InstanceId) -> Option<Arc<Upstream>> {
+    pub fn upstream(&self, id: &str) -> Option<Arc<Upstream>> {
         if let Some(hit) = self.upstreams.get(id) {
             return Some(hit);
         }
+        let id = &InstanceId::parse(id).ok()?;
         let upstream = {
             let st = self.lock();
             let known = st.known.get(id)?;
@@ -446,7 +450,13 @@ impl PoolManager {
                 return None;
             }
             Arc::new(Upstream {
+                id: id.clone(),
                 purpose: Arc::clone(self.purposes.get(&known.purpose)?),
+                host_header: known
+                    .record
+                    .address
+                    .as_deref()
+                    .and_then(|a| http::HeaderValue::from_str(a).ok()),
                 address: known.record.address.clone(),
                 owner: instance.owner.clone(),
                 ready: instance.phase == Phase::Ready,

@@ -59,6 +59,10 @@ impl EdgeProxy {
             ) => Access::Token {
                 signer,
                 session_ttl_ms: session_ttl.as_millis() as u64,
+                sessions: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live((*session_ttl).min(Duration::from_secs(600)))
+                    .build(),
                 spent: moka::sync::Cache::builder()
                     .max_capacity(10_000_000)
                     .time_to_live(*link_ttl)
@@ -119,6 +123,8 @@ enum Access {
     Token {
         signer: Arc<Signer>,
         session_ttl_ms: u64,
+        /// Session tokens already verified, so that a request costs a lookup, not an HMAC.
+        sessions: moka::sync::Cache<String, Arc<Claims>>,
         /// Nonces of links already exchanged, kept for as long as a link lives.
         spent: moka::sync::Cache<u64, ()>,
     },
@@ -138,7 +144,6 @@ enum Verdict {
 /// Where one request goes, decided in `request_filter`.
 enum Destination {
     Instance {
-        id: InstanceId,
         upstream: Arc<Upstream>,
         path: String,
         /// Path routing (`/i-<id>/...`), as opposed to host routing (`i-<id>.<domain>`).
@@ -367,6 +372,7 @@ impl EdgeProxy {
                 signer,
                 session_ttl_ms,
                 spent,
+                sessions,
             } => {
                 let now = now_ms();
                 if let Some((Some(token), remaining)) = query.map(take_link_param) {
@@ -414,9 +420,21 @@ impl EdgeProxy {
                     .iter()
                     .filter_map(|v| v.to_str().ok())
                     .find_map(|h| cookie(h, SESSION_COOKIE));
-                let valid = presented
-                    .and_then(|t| signer.verify(t, Kind::Session, id.as_str(), now).ok())
-                    .is_some_and(|c| Some(c.user.as_str()) == owner);
+                let claims = presented.and_then(|token| match sessions.get(token) {
+                    Some(claims) => Some(claims),
+                    None => {
+                        let claims =
+                            Arc::new(signer.verify(token, Kind::Session, id.as_str(), now).ok()?);
+                        sessions.insert(token.to_owned(), Arc::clone(&claims));
+                        Some(claims)
+                    }
+                });
+                // The cached claims are checked again: instance, owner and expiry.
+                let valid = claims.is_some_and(|c| {
+                    c.instance == id.as_str()
+                        && Some(c.user.as_str()) == owner
+                        && now < c.expires_ms
+                });
                 if valid {
                     Ok(Verdict::Allow)
                 } else {
@@ -442,6 +460,10 @@ impl ProxyHttp for EdgeProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::default()
     }
+
+    /// No downstream modules: Pingora's default adds a (disabled) response compression module
+    /// whose context is built for every request. Workspaces compress what they serve.
+    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
@@ -481,10 +503,10 @@ impl ProxyHttp for EdgeProxy {
             }
         };
         let not_found = "This workspace does not exist or has been shut down. Ask the application for a new one.";
-        let Ok(id) = InstanceId::parse(id) else {
-            return page(session, 404, "Workspace not found", not_found, None).await;
-        };
-        let Some(upstream) = self.manager.upstream(&id) else {
+        let Some(upstream) = self.manager.upstream(id) else {
+            let Ok(id) = InstanceId::parse(id) else {
+                return page(session, 404, "Workspace not found", not_found, None).await;
+            };
             return match self.manager.failure(&id) {
                 Some(failure) => {
                     self.failed(session, &id, &failure, prefixed, rest, query.as_deref())
@@ -495,7 +517,14 @@ impl ProxyHttp for EdgeProxy {
         };
         let owner = upstream.owner.as_ref().map(|u| u.as_str());
         match self
-            .check_access(session, &id, owner, prefixed, rest, query.as_deref())
+            .check_access(
+                session,
+                &upstream.id,
+                owner,
+                prefixed,
+                rest,
+                query.as_deref(),
+            )
             .await?
         {
             Verdict::Allow => {}
@@ -519,7 +548,6 @@ impl ProxyHttp for EdgeProxy {
         };
         session.set_read_timeout(timeout);
         ctx.destination = Some(Destination::Instance {
-            id,
             upstream,
             path,
             prefixed,
@@ -605,20 +633,20 @@ impl ProxyHttp for EdgeProxy {
         }
         match &ctx.destination {
             Some(Destination::Instance {
-                id,
                 upstream,
                 path,
                 prefixed,
                 ..
             }) => {
+                let id = &upstream.id;
                 request.set_uri(path.parse().map_err(|_| {
                     Error::explain(
                         ErrorType::InvalidHTTPHeader,
                         "the request path cannot be forwarded",
                     )
                 })?);
-                if let Some(address) = &upstream.address {
-                    request.insert_header(http::header::HOST, address.as_str())?;
+                if let Some(host) = &upstream.host_header {
+                    request.insert_header(http::header::HOST, host.clone())?;
                 }
                 if let Some(header) = &upstream.purpose.root_path_header {
                     if upstream.purpose.strip_prefix && *prefixed {
@@ -671,14 +699,12 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let Some(Destination::Instance {
-            id,
-            upstream,
-            prefixed,
-            ..
+            upstream, prefixed, ..
         }) = &ctx.destination
         else {
             return Ok(());
         };
+        let id = &upstream.id;
         if let Some(location) = response
             .headers
             .get(http::header::LOCATION)
