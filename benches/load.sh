@@ -292,10 +292,11 @@ if [[ " $PARTS " == *" api "* ]]; then
   API2=$(port); PROXY2=$(port)
   sed -e "s#127.0.0.1:$API#127.0.0.1:$API2#; s#127.0.0.1:$PROXY#127.0.0.1:$PROXY2#; s#state_dir: $WORK/state#state_dir: $WORK/state-api#" \
       -e "s#^threads: 1#threads: 2#" "$WORK/bench.yaml" > "$WORK/api.yaml"
-  python3 - "$WORK/api.yaml" "$API_CALLERS" <<'EOF'
+  python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-400}" <<'EOF'
 import sys
 path, n = sys.argv[1], sys.argv[2]
-text = open(path).read().replace("  rstudio:\n    min_free_instances: 0", f"  rstudio:\n    min_free_instances: {n}")
+cap = sys.argv[3]
+text = open(path).read().replace("  rstudio:\n    min_free_instances: 0", f"  rstudio:\n    min_free_instances: {n}\n    max_instances: {cap}")
 open(path, "w").write(text)
 EOF
   RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
@@ -308,5 +309,15 @@ EOF
   done
   echo
   echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users, $ready free ready instances warm (process provider)"
+  if [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
+    perf record -q -F 4999 -e cpu-clock -a -o "$WORK/perf-api.data" -- sleep 3 2>/dev/null &
+    perf_pid=$!
+    sleep 0.5
+  fi
   "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS"
+  if [ -n "${perf_pid:-}" ]; then
+    wait "$perf_pid" || true
+    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
+    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,symbol --stdio 2>/dev/null || true; } | head -60 >> "$PROFILE_API" || true
+  fi
 fi

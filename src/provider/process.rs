@@ -153,9 +153,28 @@ impl Inner {
         std::fs::rename(tmp, path)
     }
 
+    /// Tags set after the launch, one JSON object a line. Appending needs no rename in the
+    /// shared folder (whose lock serialised concurrent assignments), and an `O_APPEND` write
+    /// of one small line lands whole; a torn last line after a crash is skipped on reading.
+    fn tags_path(&self, id: &str) -> PathBuf {
+        self.state_dir.join("instances").join(format!("{id}.tags"))
+    }
+
     fn read_record(&self, id: &str) -> io::Result<Record> {
         let bytes = std::fs::read(self.record_path(id))?;
-        serde_json::from_slice(&bytes).map_err(io::Error::other)
+        let mut record: Record = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
+        match std::fs::read_to_string(self.tags_path(id)) {
+            Ok(lines) => {
+                for line in lines.lines() {
+                    if let Ok(tags) = serde_json::from_str::<BTreeMap<String, String>>(line) {
+                        record.tags.extend(tags);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(record)
     }
 
     fn spawn(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
@@ -208,8 +227,14 @@ impl Inner {
             launched_at_ms: now_ms(),
             tags,
         };
-        if let Err(e) = self.write_record(&record) {
+        // The tags file is made now, at launch, so that tagging at assignment only appends:
+        // creating files in the shared folder takes its lock.
+        if let Err(e) = self
+            .write_record(&record)
+            .and_then(|()| std::fs::File::create(self.tags_path(id.as_str())).map(drop))
+        {
             self.lock_ports().remove(&port);
+            let _ = std::fs::remove_file(self.record_path(id.as_str()));
             return Err(fail(format!("cannot write the instance record: {e}")));
         }
         let spawned = {
@@ -328,12 +353,35 @@ impl Inner {
         Ok(live)
     }
 
+    fn tag_blocking(
+        &self,
+        id: &InstanceId,
+        tags: &[(String, String)],
+    ) -> Result<(), ProviderError> {
+        use std::io::Write;
+        if !self.record_path(id.as_str()).exists() {
+            return Err(ProviderError::NotFound(id.clone()));
+        }
+        let map: BTreeMap<&str, &str> =
+            tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut line = serde_json::to_vec(&map)
+            .map_err(|e| ProviderError::Other(format!("cannot encode tags of {id}: {e}")))?;
+        line.push(b'\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tags_path(id.as_str()))
+            .and_then(|mut file| file.write_all(&line))
+            .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
+    }
+
     fn forget(&self, id: &str) {
         if let Ok(record) = self.read_record(id) {
             self.lock_ports().remove(&record.port);
         }
         self.lock_children().remove(id);
         let _ = std::fs::remove_file(self.record_path(id));
+        let _ = std::fs::remove_file(self.tags_path(id));
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
     }
 
@@ -403,18 +451,11 @@ impl Provider for ProcessProvider {
         id: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), ProviderError> {
-        let mut record = self.read_record(id.as_str()).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                ProviderError::NotFound(id.clone())
-            } else {
-                ProviderError::Other(format!("record of {id}: {e}"))
-            }
-        })?;
-        for (k, v) in tags {
-            record.tags.insert(k.clone(), v.clone());
-        }
-        self.write_record(&record)
-            .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
+        // A read and an atomic rewrite of a small file: off the async workers.
+        let (this, id, tags) = (self.clone(), id.clone(), tags.to_vec());
+        tokio::task::spawn_blocking(move || this.tag_blocking(&id, &tags))
+            .await
+            .map_err(|e| ProviderError::Other(format!("tag task failed: {e}")))?
     }
 
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {

@@ -30,6 +30,11 @@ use crate::provider::{
 const PENDING_WAIT: Duration = Duration::from_secs(120);
 /// Listings in a row that must miss an instance before the pool believes it is gone.
 const MISSES_BEFORE_GONE: u32 = 3;
+/// Warm-up launches at once: enough to fill a pool quickly, few enough to leave the CPU to
+/// requests (a local launch is a fork and an exec; an EC2 one is paced by its own bucket).
+const WARMUPS_AT_ONCE: usize = 4;
+/// The least time between two rounds woken by changes.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
 /// How long a terminated instance is not adopted back from a listing.
 const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 /// How long a command waits for the pool to be rebuilt from the provider after a start.
@@ -204,6 +209,8 @@ pub struct PoolManager {
     changed: Notify,
     /// True once the pools were rebuilt from the provider after start.
     recovered: watch::Sender<bool>,
+    /// Warm-up launches under way at once, at most.
+    warmups: tokio::sync::Semaphore,
     /// Provider launches under way; the loop does not adopt unknown instances meanwhile, since
     /// one of them may be a launch whose result has not been recorded yet.
     launches_in_flight: AtomicUsize,
@@ -246,6 +253,7 @@ impl PoolManager {
             changed: Notify::new(),
             recovered: watch::channel(false).0,
             launches_in_flight: AtomicUsize::new(0),
+            warmups: tokio::sync::Semaphore::new(WARMUPS_AT_ONCE),
         })
     }
 
@@ -1019,6 +1027,9 @@ impl PoolManager {
         for (purpose, ticket) in launches {
             let this = Arc::clone(self);
             tokio::spawn(async move {
+                // Warm-ups take turns, so that topping up a big pool does not starve the
+                // command API and the proxy of CPU; a user's own launch never waits here.
+                let _turn = this.warmups.acquire().await;
                 let _ = this.launch(&purpose, ticket, None).await;
             });
         }
@@ -1030,7 +1041,10 @@ impl PoolManager {
             self.reconcile().await;
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = self.changed.notified() => {}
+                _ = self.changed.notified() => {
+                    // A burst of assignments wakes the loop once per round, not once each.
+                    tokio::time::sleep(MIN_ROUND_GAP.min(interval)).await;
+                }
                 _ = shutdown.changed() => {
                     info!("pool manager stops; instances keep running and are re-adopted at the next start");
                     return;
