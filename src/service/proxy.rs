@@ -461,9 +461,7 @@ impl ProxyHttp for EdgeProxy {
         RequestCtx::default()
     }
 
-    /// No downstream modules: Pingora's default adds a (disabled) response compression module
-    /// whose context is built for every request. Workspaces compress what they serve.
-    fn init_downstream_modules(&self, _modules: &mut pingora_core::modules::http::HttpModules) {}
+
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
