@@ -209,12 +209,23 @@ fn upgrade(req: &mut Request<Incoming>) -> Reply {
     }
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
-        let Ok(upgraded) = on_upgrade.await else {
-            return;
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                log::warn!("the WebSocket upgrade failed: {e}");
+                return;
+            }
         };
         let mut socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        while let Some(Ok(message)) = socket.next().await {
+        while let Some(message) = socket.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("the WebSocket failed: {e}");
+                    break;
+                }
+            };
             if message.is_text() || message.is_binary() {
                 if socket.send(message).await.is_err() {
                     break;

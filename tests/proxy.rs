@@ -40,7 +40,7 @@ async fn echo(
         .await
         .expect("an echo within 10 s")
         .expect("the socket is open")
-        .unwrap();
+        .unwrap_or_else(|e| panic!("echo of {text:?}: {e}"));
     assert_eq!(reply.into_text().unwrap().as_str(), text);
 }
 

@@ -143,7 +143,13 @@ pub fn rewrite_set_cookie(cookie: &str, id: &str) -> Option<String> {
     let mut changed = false;
     for (i, attribute) in cookie.split(';').enumerate() {
         let trimmed = attribute.trim();
-        if i > 0 && trimmed.len() >= 5 && trimmed[..5].eq_ignore_ascii_case("path=") {
+        // `get`, not slicing: byte 5 may fall inside a multi-byte character (found by
+        // fuzzing, fuzz/corpus/route/crash-set-cookie-char-boundary).
+        if i > 0
+            && trimmed
+                .get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("path="))
+        {
             had_path = true;
             let value = &trimmed[5..];
             if under_prefix(value, id) {
@@ -319,6 +325,7 @@ mod tests {
             ("s=1; path=/app", Some("s=1; Path=/i-0123456789abcdef0/app")),
             ("s=1; Path=/i-0123456789abcdef0", None),
             ("s=1; Path=/i-0123456789abcdef0/; Secure", None),
+            ("s=1; abcdé", Some("s=1; abcdé; Path=/i-0123456789abcdef0/")),
         ];
         for (cookie, expected) in cases {
             assert_eq!(

@@ -461,8 +461,6 @@ impl ProxyHttp for EdgeProxy {
         RequestCtx::default()
     }
 
-
-
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         // Checked on the target as sent: the parsed URI may already have resolved `..`.
@@ -726,20 +724,25 @@ impl ProxyHttp for EdgeProxy {
             // Its own origin: the workspace's cookies need no scoping.
             return Ok(());
         }
-        let cookies: Vec<String> = response
+        let cookies: Vec<http::HeaderValue> = response
             .headers
             .get_all(http::header::SET_COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .cloned()
             .collect();
-        if cookies
-            .iter()
-            .any(|c| rewrite_set_cookie(c, id.as_str()).is_some())
-        {
+        let scope = |c: &http::HeaderValue| {
+            c.to_str()
+                .ok()
+                .and_then(|text| rewrite_set_cookie(text, id.as_str()))
+        };
+        if cookies.iter().any(|c| scope(c).is_some()) {
             response.remove_header(&http::header::SET_COOKIE);
             for cookie in cookies {
-                let scoped = rewrite_set_cookie(&cookie, id.as_str()).unwrap_or(cookie);
-                response.append_header(http::header::SET_COOKIE, scoped)?;
+                // A cookie that is not text is passed on untouched, never dropped.
+                match scope(&cookie) {
+                    Some(scoped) => response.append_header(http::header::SET_COOKIE, scoped)?,
+                    None => response.append_header(http::header::SET_COOKIE, cookie)?,
+                };
             }
         }
         Ok(())

@@ -300,6 +300,14 @@ impl Drop for Server {
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(300)..].join("\n");
             eprintln!("---- the server's log (last 300 lines) ----\n{tail}\n----");
+            if let Ok(logs) = std::fs::read_dir(self.state_dir().join("logs")) {
+                for log in logs.flatten() {
+                    let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                    eprintln!("---- {} ----\n{tail}", log.path().display());
+                }
+            }
         }
         for (pid, _) in self.workspaces() {
             unsafe {
