@@ -311,12 +311,12 @@ EOF
   echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users, $ready free ready instances warm (process provider)"
   if [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
     perf record -q -F 4999 -e cpu-clock -a -o "$WORK/perf-api.data" -- sleep 3 2>/dev/null &
-    perf_pid=$!
+    api_perf_pid=$!
     sleep 0.5
   fi
   "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS"
-  if [ -n "${perf_pid:-}" ]; then
-    wait "$perf_pid" || true
+  if [ -n "${api_perf_pid:-}" ]; then
+    wait "$api_perf_pid" || true
     { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
     { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,symbol --stdio 2>/dev/null || true; } | head -60 >> "$PROFILE_API" || true
   fi
