@@ -25,5 +25,12 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== cargo build (benchmarks and load programs too)"
+cargo build --all-targets
 echo "== cargo test"
-cargo test --all-targets
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --lib --bins --tests 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
