@@ -11,47 +11,35 @@ use std::time::Duration;
 
 use base64::Engine;
 use common::moto::{tag, Moto, ACCOUNT, REGION};
-use common::{eventually, free_port, is_known, wait_ready, Options, Server};
+use common::{eventually, is_known, wait_ready, DemoProcess, Options, Server};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// The decoded user data of an instance, as moto stores it.
+async fn user_data(moto: &Moto, id: &str) -> String {
+    let attribute = moto
+        .client
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap(),
+    )
+    .unwrap()
+}
 const PROFILE: &str = "workspace-profile";
-
-/// A demo workspace standing in for every EC2 instance's RStudio.
-struct Stand {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Stand {
-    fn start() -> Stand {
-        let port = free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rstudio-pool"))
-            .args([
-                "demo-workspace",
-                "--port",
-                &port.to_string(),
-                "--instance-id",
-                "i-00000000",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Stand { child, port }
-    }
-}
-
-impl Drop for Stand {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Setup {
     moto: Moto,
-    stand: Stand,
+    /// A demo workspace standing in for every EC2 instance's RStudio.
+    stand: DemoProcess,
     security_group: String,
 }
 
@@ -61,7 +49,7 @@ async fn setup() -> Setup {
     let security_group = moto.create_security_group("workspaces").await;
     Setup {
         moto,
-        stand: Stand::start(),
+        stand: DemoProcess::start(),
         security_group,
     }
 }
@@ -129,22 +117,7 @@ async fn instances_are_launched_with_the_configuration_and_tags() {
 
     // The user data runs the purpose's image on its port, with a restart policy.
     let id = instance.instance_id().unwrap().to_owned();
-    let attribute = s
-        .moto
-        .client
-        .describe_instance_attribute()
-        .instance_id(&id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    let script = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap();
+    let script = user_data(&s.moto, &id).await;
     assert!(
         script.contains(&format!(
             "{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/rstudio:latest"
@@ -440,22 +413,7 @@ async fn each_purpose_launches_its_own_image_and_port() {
         Some("t3.xlarge")
     );
     let id = instance.instance_id().unwrap();
-    let attribute = s
-        .moto
-        .client
-        .describe_instance_attribute()
-        .instance_id(id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let encoded = attribute.user_data().and_then(|u| u.value()).unwrap();
-    let script = String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap(),
-    )
-    .unwrap();
+    let script = user_data(&s.moto, id).await;
     assert!(
         script.contains("\"quay.io/jupyter/base-notebook:latest\""),
         "{script}"

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, free_port, is_known, wait_ready, Options, Server};
+use common::{eventually, is_known, wait_ready, DemoProcess, Options, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -164,36 +164,6 @@ async fn the_proxy_answers_for_itself_without_leaking_addresses() {
 }
 
 #[tokio::test]
-async fn a_starting_workspace_gets_a_page_that_refreshes_itself() {
-    let server = Server::start(Options {
-        min_free: 0,
-        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sh\", \"-c\", \"sleep 2; exec {exe} demo-workspace --port {port} --instance-id {instance_id}\"]\n".into(),
-        ..Options::default()
-    })
-    .await;
-    let (status, body) = server
-        .command("REQUEST_RSTUDIO", json!({"userId": "cy"}))
-        .await;
-    assert_eq!(status, 200);
-    assert_eq!(body["ready"], json!(false), "{body}");
-    let id = body["instanceId"].as_str().unwrap();
-    let r = server
-        .client()
-        .get(server.proxy_url(&format!("/{id}/")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().contains_key("retry-after"));
-    assert!(r.text().await.unwrap().contains("http-equiv=\"refresh\""));
-    wait_ready(&server, id).await;
-    let (_, body) = server
-        .command("REQUEST_RSTUDIO", json!({"userId": "cy"}))
-        .await;
-    assert_eq!(body["ready"], json!(true), "{body}");
-}
-
-#[tokio::test]
 async fn a_deleted_instance_is_404_at_once() {
     let server = Server::start(Options::default()).await;
     let id = server.request("dora").await;
@@ -212,19 +182,12 @@ async fn a_deleted_instance_is_404_at_once() {
 
 #[tokio::test]
 async fn other_paths_go_to_the_default_url() {
-    let port = free_port();
-    let mut default = std::process::Command::new(env!("CARGO_BIN_EXE_rstudio-pool"))
-        .args([
-            "demo-workspace",
-            "--port",
-            &port.to_string(),
-            "--instance-id",
-            "i-00000000",
-        ])
-        .spawn()
-        .unwrap();
+    let default = DemoProcess::start();
     let server = Server::start(Options {
-        env: vec![("DEFAULT_URL".into(), format!("http://localhost:{port}"))],
+        env: vec![(
+            "DEFAULT_URL".into(),
+            format!("http://localhost:{}", default.port),
+        )],
         ..Options::default()
     })
     .await;
@@ -240,8 +203,6 @@ async fn other_paths_go_to_the_default_url() {
     })
     .await;
     assert_eq!(text, "landed\n");
-    let _ = default.kill();
-    let _ = default.wait();
 }
 
 #[tokio::test]

@@ -236,7 +236,16 @@ async fn the_progress_page_gives_way_to_the_workspace() {
         ..Options::default()
     })
     .await;
-    let id = server.request("ana").await;
+    let (status, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["ready"],
+        json!(false),
+        "REQUEST_RSTUDIO answers at once: {body}"
+    );
+    let id = body["instanceId"].as_str().unwrap().to_owned();
     let r = server
         .client()
         .get(server.proxy_url(&format!("/{id}/")))
@@ -261,6 +270,10 @@ async fn the_progress_page_gives_way_to_the_workspace() {
         .await
         .unwrap();
     assert!(page.contains(&id), "{page}");
+    let (_, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
+        .await;
+    assert_eq!(body["ready"], json!(true), "{body}");
 }
 
 #[tokio::test]

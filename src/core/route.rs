@@ -72,21 +72,8 @@ pub fn upstream_path(
 /// prefix, get the prefix. Other absolute URLs and relative paths are left alone. Returns
 /// `None` when nothing changes.
 pub fn rewrite_location(location: &str, id: &str, upstream_hosts: &[&str]) -> Option<String> {
-    let path = if let Some(rest) = location
-        .strip_prefix("http://")
-        .or_else(|| location.strip_prefix("https://"))
-        .or_else(|| location.strip_prefix("//"))
-    {
-        let (authority, path) = match rest.find(['/', '?', '#']) {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if !upstream_hosts
-            .iter()
-            .any(|h| authority.eq_ignore_ascii_case(h))
-        {
-            return None;
-        }
+    let path = if is_absolute(location) {
+        let path = path_on_upstream(location, upstream_hosts)?;
         if path.is_empty() || !path.starts_with('/') {
             return Some(format!("/{id}/{path}"));
         }
@@ -103,9 +90,15 @@ pub fn rewrite_location(location: &str, id: &str, upstream_hosts: &[&str]) -> Op
     Some(format!("/{id}{path}"))
 }
 
-/// Under host routing: an absolute `Location` that points at the upstream itself loses its
-/// origin, so the browser stays on the workspace's own host. `None` when nothing changes.
-pub fn strip_upstream_origin(location: &str, upstream_hosts: &[&str]) -> Option<String> {
+fn is_absolute(location: &str) -> bool {
+    location.starts_with("http://")
+        || location.starts_with("https://")
+        || location.starts_with("//")
+}
+
+/// The path, query and fragment of an absolute URL (`http://`, `https://` or `//`) whose
+/// authority is one of the upstream's own; `None` for any other URL.
+fn path_on_upstream<'a>(location: &'a str, upstream_hosts: &[&str]) -> Option<&'a str> {
     let rest = location
         .strip_prefix("http://")
         .or_else(|| location.strip_prefix("https://"))
@@ -114,12 +107,16 @@ pub fn strip_upstream_origin(location: &str, upstream_hosts: &[&str]) -> Option<
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    if !upstream_hosts
+    upstream_hosts
         .iter()
         .any(|h| authority.eq_ignore_ascii_case(h))
-    {
-        return None;
-    }
+        .then_some(path)
+}
+
+/// Under host routing: an absolute `Location` that points at the upstream itself loses its
+/// origin, so the browser stays on the workspace's own host. `None` when nothing changes.
+pub fn strip_upstream_origin(location: &str, upstream_hosts: &[&str]) -> Option<String> {
+    let path = path_on_upstream(location, upstream_hosts)?;
     Some(if path.starts_with('/') {
         path.to_owned()
     } else {

@@ -349,6 +349,39 @@ pub fn workspace_processes(work: &Path) -> Vec<(u32, String)> {
     found
 }
 
+/// A demo workspace run by the test itself (a default upstream, or the stand-in for every
+/// EC2 instance's RStudio), killed on drop.
+pub struct DemoProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl DemoProcess {
+    pub fn start() -> DemoProcess {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_rstudio-pool"))
+            .args([
+                "demo-workspace",
+                "--port",
+                &port.to_string(),
+                "--instance-id",
+                "i-00000000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        DemoProcess { child, port }
+    }
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// True when something accepts connections on `address`.
 pub async fn answers(address: &str) -> bool {
     tokio::net::TcpStream::connect(address).await.is_ok()
