@@ -14,6 +14,7 @@
 #
 #   benches/load.sh                          # everything, about 6 minutes
 #   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
+#   PARTS=ws WS_SOCKETS=10000 WS_SECONDS=600 WS_PROXIES=rstudio-pool benches/load.sh   # the soak
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -261,7 +262,7 @@ if [[ " $PARTS " == *" ws "* ]]; then
   printf '| %-14s | %6s | %6s | %6s | %7s | %9s | %9s | %12s |\n' proxy sockets failed dropped echoes "p50 ms" "p99 ms" "KB per socket"
   printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- -------- -------- -------- --------- ----------- ----------- --------------
   for n in $WS_SOCKETS; do
-    for name in rstudio-pool nginx chp; do
+    for name in ${WS_PROXIES:-rstudio-pool nginx chp}; do
       case $name in
         rstudio-pool) url="ws://127.0.0.1:$PROXY/$WSID/ws"; cookie="$WSCOOKIE"; pids=("$POOL_PID") ;;
         nginx) url="ws://127.0.0.1:$NGX/$WSID/ws"; cookie=""; pids=("$NGX_PID" $(pgrep -P "$NGX_PID")) ;;

@@ -175,7 +175,8 @@ fn main() {
     println!(
         "rstudio-pool: command API on http://{api}, proxy on {public} ({provider} provider)\n\
          Ask for a workspace:\n  curl -s -X POST http://{api}/ -d '{{\"command\":\"REQUEST_RSTUDIO\",\"payload\":{{\"userId\":\"me\"}}}}'\n\
-         then open the `url` it answers ({public}/i-<instanceId>/) in a browser.",
+         then open the `url` it answers in a browser: a link for that user, good once, that leads\n\
+         to {public}/i-<instanceId>/.",
         api = config.api.listen,
         public = config.proxy.public_url,
         provider = manager.provider_kind(),
