@@ -31,6 +31,8 @@ fn routing(c: &mut Criterion) {
             Arc::new(Upstream {
                 id: id.clone(),
                 host_header: None,
+                socket: None,
+                root_path: None,
                 purpose: Arc::clone(&purpose),
                 address: Some(format!("10.0.{}.{}:8787", n / 250, n % 250)),
                 owner: None,

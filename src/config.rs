@@ -689,6 +689,19 @@ fn build(
                 format!("`{readiness_path}` must start with /"),
             ));
         }
+        if let Some(header) = section
+            .root_path_header
+            .as_deref()
+            .filter(|h| !h.is_empty())
+        {
+            if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                return Err(invalid(
+                    "purposes.<name>.root_path_header",
+                    None,
+                    format!("`{header}` is not a header name (purpose `{name}`)"),
+                ));
+            }
+        }
         let timeout_ms = section
             .timeout_instance_ms
             .unwrap_or(file.proxy.timeout_instance_ms);
@@ -1093,9 +1106,6 @@ fn preset(name: &str) -> PurposeSection {
     }
 }
 
-/// The purposes with built-in presets.
-pub const PRESETS: [&str; 4] = ["rstudio", "jupyter", "code-server", "shiny"];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1179,6 +1189,11 @@ mod tests {
                 "unknown top-level key `pol`",
             ),
             ("pool: [1, 2]\n", &[], "pool"),
+            (
+                "purposes:\n  rstudio:\n    root_path_header: \"bad header\"\n",
+                &[],
+                "not a header name",
+            ),
         ];
         for (yaml, env, expected) in cases {
             let err = Config::from_yaml(yaml, &env_of(env))

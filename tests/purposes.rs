@@ -173,30 +173,42 @@ async fn jupyterlab_runs_code_through_the_proxy_and_its_polling_is_not_activity(
         "ws://{}/{id}/api/kernels/{kernel_id}/channels",
         server.proxy
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    socket
-        .send(Message::text(execute_request("print(6 * 7)")))
-        .await
-        .unwrap();
-    let output = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(message) = socket.next().await {
-            let Ok(Message::Text(text)) = message else {
-                continue;
-            };
-            let value: Value = serde_json::from_str(&text).unwrap();
-            if value["header"]["msg_type"] == json!("stream") {
-                return value["content"]["text"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-            }
+    // A socket torn down right after its 101 (cloudflare/pingora#946, see tests/proxy.rs) is
+    // opened again, as JupyterLab itself does; the code must run on one that stays open.
+    let mut output = String::new();
+    for attempt in 1..=5 {
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        if socket
+            .send(Message::text(execute_request("print(6 * 7)")))
+            .await
+            .is_err()
+        {
+            continue;
         }
-        String::new()
-    })
-    .await
-    .expect("the kernel's output within 60 s");
+        output = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(Ok(message)) = socket.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["header"]["msg_type"] == json!("stream") {
+                    return value["content"]["text"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                }
+            }
+            String::new()
+        })
+        .await
+        .expect("the kernel's output within 60 s");
+        let _ = socket.close(None).await;
+        if !output.is_empty() {
+            break;
+        }
+        eprintln!("kernel socket {attempt} closed without output (pingora#946); again");
+    }
     assert_eq!(output, "42\n");
-    socket.close(None).await.unwrap();
 
     // JupyterLab's background polling of its REST API does not keep the instance alive.
     let started = Instant::now();

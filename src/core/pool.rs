@@ -125,10 +125,6 @@ impl Pool {
         }
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Live instances and pending launches: what `max` bounds.
     pub fn live(&self) -> usize {
         self.instances.len() + self.pending.len()
@@ -307,25 +303,6 @@ impl Pool {
         Adoption::Adopted
     }
 
-    /// Free instances beyond what `max` allows, after the limits were lowered: terminate them.
-    /// Owned instances are never taken from their users.
-    pub fn set_limits(&mut self, limits: Limits) -> Vec<InstanceId> {
-        self.limits = limits;
-        let excess = self.live().saturating_sub(limits.max);
-        let surplus: Vec<InstanceId> = self
-            .instances
-            .iter()
-            .filter(|(_, i)| i.is_free())
-            .map(|(id, _)| id.clone())
-            .take(excess)
-            .collect();
-        for id in &surplus {
-            // Known ids: release cannot fail here.
-            let _ = self.release(id);
-        }
-        surplus
-    }
-
     fn new_ticket(&mut self, owner: Option<UserId>) -> Ticket {
         let ticket = Ticket(self.next_ticket);
         self.next_ticket += 1;
@@ -487,24 +464,6 @@ mod tests {
             Adoption::Adopted
         );
         assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(1))));
-    }
-
-    #[test]
-    fn lowering_max_terminates_free_instances_only() {
-        let mut p = pool(3, 3);
-        let t = p.top_up();
-        for (n, ticket) in t.iter().enumerate() {
-            p.launched(*ticket, id(n as u128)).unwrap();
-        }
-        p.request(&user(1)).unwrap();
-        let surplus = p.set_limits(Limits {
-            min_free: 0,
-            max: 1,
-        });
-        assert_eq!(surplus.len(), 2);
-        assert!(surplus
-            .iter()
-            .all(|i| p.instance(i).unwrap().owner.is_none()));
     }
 
     /// One step of the random walk: indexes pick among what exists at that moment.

@@ -385,36 +385,20 @@ impl Inner {
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
     }
 
-    /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
-    async fn stop(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        let pid = match self.read_record(id.as_str()) {
-            Ok(record) if self.is_alive(&record) => Some(record.pid),
-            Ok(_) => None,
+    /// The process group leader of `id`, if it still runs: from its record, or, without one,
+    /// found by its working directory.
+    fn pid_to_stop(&self, id: &InstanceId) -> Result<Option<u32>, ProviderError> {
+        match self.read_record(id.as_str()) {
+            Ok(record) if self.is_alive(&record) => Ok(Some(record.pid)),
+            Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // No record: it may be an unrecorded process found by its working directory.
-                group_leaders_under(&self.work_dir())
+                Ok(group_leaders_under(&self.work_dir())
                     .into_iter()
                     .find(|(_, found)| found == id.as_str())
-                    .map(|(pid, _)| pid)
+                    .map(|(pid, _)| pid))
             }
-            Err(e) => return Err(ProviderError::Other(format!("record of {id}: {e}"))),
-        };
-        if let Some(pid) = pid {
-            kill_group(pid, libc::SIGTERM);
-            let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            while group_alive(pid) && tokio::time::Instant::now() < deadline {
-                self.reap(id);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if group_alive(pid) {
-                warn!("{id} ignored SIGTERM for {STOP_GRACE:?}; killing its process group");
-                kill_group(pid, libc::SIGKILL);
-            }
-            self.reap(id);
+            Err(e) => Err(ProviderError::Other(format!("record of {id}: {e}"))),
         }
-        self.forget(id.as_str());
-        info!("terminated {id}");
-        Ok(())
     }
 
     fn reap(&self, id: &InstanceId) {
@@ -458,8 +442,32 @@ impl Provider for ProcessProvider {
             .map_err(|e| ProviderError::Other(format!("tag task failed: {e}")))?
     }
 
+    /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        self.stop(id).await
+        // Reading the record, and scanning /proc without one: off the async workers.
+        let (this, wanted) = (self.clone(), id.clone());
+        let pid = tokio::task::spawn_blocking(move || this.pid_to_stop(&wanted))
+            .await
+            .map_err(|e| ProviderError::Other(format!("stop task failed: {e}")))??;
+        if let Some(pid) = pid {
+            kill_group(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while group_alive(pid) && tokio::time::Instant::now() < deadline {
+                self.reap(id);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if group_alive(pid) {
+                warn!("{id} ignored SIGTERM for {STOP_GRACE:?}; killing its process group");
+                kill_group(pid, libc::SIGKILL);
+            }
+            self.reap(id);
+        }
+        let (this, gone) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || this.forget(gone.as_str()))
+            .await
+            .map_err(|e| ProviderError::Other(format!("forget task failed: {e}")))?;
+        info!("terminated {id}");
+        Ok(())
     }
 }
 

@@ -92,6 +92,11 @@ pub struct Upstream {
     pub purpose: Arc<Purpose>,
     /// `address` as a ready-made `Host` header value.
     pub host_header: Option<http::HeaderValue>,
+    /// `address` parsed, when it is an IP address (a name is resolved by the proxy).
+    pub socket: Option<std::net::SocketAddr>,
+    /// The root-path header and its value (`X-RStudio-Root-Path: /i-<id>`), for purposes
+    /// served from their root under path routing.
+    pub root_path: Option<(http::HeaderName, http::HeaderValue)>,
     /// `host:port` of the workspace, when known.
     pub address: Option<String>,
     pub owner: Option<UserId>,
@@ -111,6 +116,21 @@ impl Upstream {
             self.activity.store(now_ms, Ordering::Relaxed);
         }
     }
+}
+
+/// The header that tells a prefix-stripped workspace its root, with its value for `id`.
+fn root_path_header(
+    purpose: &Purpose,
+    id: &InstanceId,
+) -> Option<(http::HeaderName, http::HeaderValue)> {
+    let name = purpose
+        .root_path_header
+        .as_deref()
+        .filter(|_| purpose.strip_prefix)?;
+    Some((
+        http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+        http::HeaderValue::from_str(&format!("/{id}")).ok()?,
+    ))
 }
 
 /// The cache in front of [`PoolManager::upstream`], public so that the routing benchmark
@@ -261,10 +281,6 @@ impl PoolManager {
         // Every mutation under this lock is a single call into the pure pool, which leaves it
         // consistent even if a panic unwinds: recover the guard rather than poison the server.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn purposes(&self) -> &BTreeMap<String, Arc<Purpose>> {
-        &self.purposes
     }
 
     pub fn provider_kind(&self) -> &'static str {
@@ -465,6 +481,8 @@ impl PoolManager {
                     .address
                     .as_deref()
                     .and_then(|a| http::HeaderValue::from_str(a).ok()),
+                socket: known.record.address.as_deref().and_then(|a| a.parse().ok()),
+                root_path: root_path_header(self.purposes.get(&known.purpose)?, id),
                 address: known.record.address.clone(),
                 owner: instance.owner.clone(),
                 ready: instance.phase == Phase::Ready,

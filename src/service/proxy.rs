@@ -557,19 +557,23 @@ impl ProxyHttp for EdgeProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let authority = match &ctx.destination {
+        let addr = match &ctx.destination {
             Some(Destination::Instance { upstream, .. }) => {
-                upstream.address.as_deref().ok_or_else(|| {
-                    Error::explain(
-                        ErrorType::ConnectNoRoute,
-                        "the workspace has no address yet",
-                    )
-                })?
+                match (upstream.socket, upstream.address.as_deref()) {
+                    // An IP address, parsed once per instance.
+                    (Some(addr), _) => addr,
+                    (None, Some(authority)) => self.resolve(authority).await?,
+                    (None, None) => {
+                        return Error::e_explain(
+                            ErrorType::ConnectNoRoute,
+                            "the workspace has no address yet",
+                        )
+                    }
+                }
             }
-            Some(Destination::Default(default)) => default.authority.as_str(),
+            Some(Destination::Default(default)) => self.resolve(&default.authority).await?,
             None => return Error::e_explain(ErrorType::InternalError, "no destination chosen"),
         };
-        let addr = self.resolve(authority).await?;
         ctx.address = Some(addr);
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.config.upstream_connect_timeout);
@@ -612,18 +616,30 @@ impl ProxyHttp for EdgeProxy {
         }
         request.remove_header("forwarded");
         // Our session cookie is ours: the workspace never sees it.
-        let cookies: Vec<String> = request
+        // Nothing is copied unless our cookie is there to take out.
+        let ours = request
             .headers
             .get_all(http::header::COOKIE)
             .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_owned))
-            .collect();
-        if cookies.iter().any(|c| cookie(c, SESSION_COOKIE).is_some()) {
-            request.remove_header(&http::header::COOKIE);
-            for value in cookies
+            .any(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|c| cookie(c, SESSION_COOKIE))
+                    .is_some()
+            });
+        if ours {
+            let others: Vec<String> = request
+                .headers
+                .get_all(http::header::COOKIE)
                 .iter()
-                .filter_map(|c| without_cookie(c, SESSION_COOKIE))
-            {
+                .filter_map(|v| {
+                    v.to_str()
+                        .ok()
+                        .and_then(|c| without_cookie(c, SESSION_COOKIE))
+                })
+                .collect();
+            request.remove_header(&http::header::COOKIE);
+            for value in others {
                 request.append_header(http::header::COOKIE, value)?;
             }
         }
@@ -634,7 +650,6 @@ impl ProxyHttp for EdgeProxy {
                 prefixed,
                 ..
             }) => {
-                let id = &upstream.id;
                 request.set_uri(path.parse().map_err(|_| {
                     Error::explain(
                         ErrorType::InvalidHTTPHeader,
@@ -644,10 +659,8 @@ impl ProxyHttp for EdgeProxy {
                 if let Some(host) = &upstream.host_header {
                     request.insert_header(http::header::HOST, host.clone())?;
                 }
-                if let Some(header) = &upstream.purpose.root_path_header {
-                    if upstream.purpose.strip_prefix && *prefixed {
-                        request.insert_header(header.clone(), format!("/{id}"))?;
-                    }
+                if let (Some((name, value)), true) = (&upstream.root_path, *prefixed) {
+                    request.insert_header(name.clone(), value.clone())?;
                 }
             }
             Some(Destination::Default(default)) => {
