@@ -27,6 +27,14 @@ pub fn without_cookie(header: &str, name: &str) -> Option<String> {
 }
 
 /// Splits the link token out of a query: (token, the query without it).
+/// Whether a query carries a link token (which [`take_link_param`] would take), without
+/// allocating.
+pub fn has_link_param(query: &str) -> bool {
+    query
+        .split('&')
+        .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == LINK_PARAM)
+}
+
 pub fn take_link_param(query: &str) -> (Option<&str>, String) {
     let mut token = None;
     let mut rest = Vec::new();
@@ -158,6 +166,14 @@ mod tests {
             (Some("abc"), "a=1&b=2".into())
         );
         assert_eq!(take_link_param("a=1"), (None, "a=1".into()));
+        // The quick test agrees with the taking.
+        for query in ["rsp_token=abc", "a=1&rsp_token", "a=1", "rsp_tokens=1", "", "x=rsp_token"] {
+            assert_eq!(
+                has_link_param(query),
+                take_link_param(query).0.is_some(),
+                "{query}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! **Architecture invariant:** this is the only module that knows Pingora's proxy phases.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,8 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use super::manager::{Failure, PoolManager, Stage, Upstream};
 use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
 use crate::core::access::{
-    cookie, has_dot_segment, take_link_param, without_cookie, Network, SESSION_COOKIE,
+    cookie, has_dot_segment, has_link_param, take_link_param, without_cookie, Network,
+    SESSION_COOKIE,
 };
 use crate::core::ids::InstanceId;
 use crate::core::route::{
@@ -30,6 +31,9 @@ use crate::core::route::{
 use crate::core::token::{Claims, Kind, Signer};
 use crate::provider::process::now_ms;
 
+/// Cheap to clone: the caches and the manager are shared, so the WebSocket tunnel
+/// ([`super::tunnel`]) decides exactly as the hooks do.
+#[derive(Clone)]
 pub struct EdgeProxy {
     manager: Arc<PoolManager>,
     config: ProxyConfig,
@@ -117,6 +121,7 @@ impl EdgeProxy {
 }
 
 /// How the proxy decides who may reach an instance.
+#[derive(Clone)]
 enum Access {
     /// Anyone (loopback only; the configuration refuses it elsewhere).
     Open,
@@ -141,10 +146,11 @@ enum Verdict {
     Answered,
 }
 
-/// Where one request goes, decided in `request_filter`.
-enum Destination {
+/// Where one request goes, decided in `request_filter` (or by the tunnel).
+pub(super) enum Destination {
     Instance {
         upstream: Arc<Upstream>,
+        /// Path and query for the workspace.
         path: String,
         /// Path routing (`/i-<id>/...`), as opposed to host routing (`i-<id>.<domain>`).
         prefixed: bool,
@@ -322,8 +328,65 @@ impl EdgeProxy {
         .await
     }
 
-    /// Lets the owner in and nobody else. In token mode a request carrying a link is answered
-    /// with a session cookie and a redirect to the same address without the link.
+    /// Whether the request may go to the instance as it is: the owner, plainly signed in.
+    /// Pure (no answer written), so the WebSocket tunnel asks the same question. A request
+    /// carrying a link is never "as it is": the link is exchanged first.
+    pub(super) fn allowed(
+        &self,
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        id: &InstanceId,
+        owner: Option<&str>,
+        query: Option<&str>,
+    ) -> bool {
+        match &self.access {
+            Access::Open => true,
+            Access::Header {
+                header,
+                trusted_networks,
+            } => {
+                client_ip.is_some_and(|ip| trusted_networks.iter().any(|n| n.contains(ip)))
+                    && req
+                        .headers
+                        .get(header.as_str())
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|user| Some(user) == owner)
+            }
+            Access::Token {
+                signer, sessions, ..
+            } => {
+                if query.is_some_and(has_link_param) {
+                    return false;
+                }
+                let now = now_ms();
+                let presented = req
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(|h| cookie(h, SESSION_COOKIE));
+                let claims = presented.and_then(|token| match sessions.get(token) {
+                    Some(claims) => Some(claims),
+                    None => {
+                        let claims =
+                            Arc::new(signer.verify(token, Kind::Session, id.as_str(), now).ok()?);
+                        sessions.insert(token.to_owned(), Arc::clone(&claims));
+                        Some(claims)
+                    }
+                });
+                // The cached claims are checked again: instance, owner and expiry.
+                claims.is_some_and(|c| {
+                    c.instance == id.as_str()
+                        && Some(c.user.as_str()) == owner
+                        && now < c.expires_ms
+                })
+            }
+        }
+    }
+
+    /// Lets the owner in and nobody else, answering everyone else. In token mode a request
+    /// carrying a link is answered with a session cookie and a redirect to the same address
+    /// without the link.
     async fn check_access(
         &self,
         session: &mut Session,
@@ -333,6 +396,10 @@ impl EdgeProxy {
         rest: &str,
         query: Option<&str>,
     ) -> Result<Verdict> {
+        let client_ip = client_ip(session);
+        if self.allowed(session.req_header(), client_ip, id, owner, query) {
+            return Ok(Verdict::Allow);
+        }
         let denied = "This link is not valid (links work once and expire after a few minutes), or you are not signed in to this workspace. Open your workspace from the application again.";
         match &self.access {
             Access::Open => Ok(Verdict::Allow),
@@ -340,39 +407,33 @@ impl EdgeProxy {
                 header,
                 trusted_networks,
             } => {
-                let trusted = session
-                    .client_addr()
-                    .and_then(PingoraAddr::as_inet)
-                    .is_some_and(|a| trusted_networks.iter().any(|n| n.contains(a.ip())));
-                let user = session
+                let trusted =
+                    client_ip.is_some_and(|ip| trusted_networks.iter().any(|n| n.contains(ip)));
+                let named = session
                     .req_header()
                     .headers
                     .get(header.as_str())
-                    .and_then(|v| v.to_str().ok());
-                match (trusted, user) {
-                    (true, Some(user)) if Some(user) == owner => Ok(Verdict::Allow),
-                    (true, Some(_)) => {
-                        page(
-                            session,
-                            403,
-                            "Not your workspace",
-                            "This workspace belongs to someone else.",
-                            None,
-                        )
-                        .await?;
-                        Ok(Verdict::Answered)
-                    }
-                    _ => {
-                        page(session, 401, "Sign in first", "Sign in through your organisation's login, then open your workspace from the application again.", None).await?;
-                        Ok(Verdict::Answered)
-                    }
+                    .and_then(|v| v.to_str().ok())
+                    .is_some();
+                if trusted && named {
+                    page(
+                        session,
+                        403,
+                        "Not your workspace",
+                        "This workspace belongs to someone else.",
+                        None,
+                    )
+                    .await?;
+                } else {
+                    page(session, 401, "Sign in first", "Sign in through your organisation's login, then open your workspace from the application again.", None).await?;
                 }
+                Ok(Verdict::Answered)
             }
             Access::Token {
                 signer,
                 session_ttl_ms,
                 spent,
-                sessions,
+                ..
             } => {
                 let now = now_ms();
                 if let Some((Some(token), remaining)) = query.map(take_link_param) {
@@ -413,55 +474,122 @@ impl EdgeProxy {
                     redirect(session, &location, Some(&set_cookie)).await?;
                     return Ok(Verdict::Answered);
                 }
-                let presented = session
-                    .req_header()
-                    .headers
-                    .get_all(http::header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(|h| cookie(h, SESSION_COOKIE));
-                let claims = presented.and_then(|token| match sessions.get(token) {
-                    Some(claims) => Some(claims),
-                    None => {
-                        let claims =
-                            Arc::new(signer.verify(token, Kind::Session, id.as_str(), now).ok()?);
-                        sessions.insert(token.to_owned(), Arc::clone(&claims));
-                        Some(claims)
-                    }
-                });
-                // The cached claims are checked again: instance, owner and expiry.
-                let valid = claims.is_some_and(|c| {
-                    c.instance == id.as_str()
-                        && Some(c.user.as_str()) == owner
-                        && now < c.expires_ms
-                });
-                if valid {
-                    Ok(Verdict::Allow)
-                } else {
-                    page(
-                        session,
-                        401,
-                        "Open your workspace from the application",
-                        denied,
-                        None,
-                    )
-                    .await?;
-                    Ok(Verdict::Answered)
-                }
+                page(
+                    session,
+                    401,
+                    "Open your workspace from the application",
+                    denied,
+                    None,
+                )
+                .await?;
+                Ok(Verdict::Answered)
             }
         }
     }
 }
 
-#[async_trait]
-impl ProxyHttp for EdgeProxy {
-    type CTX = RequestCtx;
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(PingoraAddr::as_inet)
+        .map(|a| a.ip())
+}
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+/// Where a request for a ready instance goes, and whether it is a user's.
+fn destination(
+    upstream: Arc<Upstream>,
+    full_path: &str,
+    rest: &str,
+    query: Option<&str>,
+    prefixed: bool,
+    upgrade: bool,
+) -> Destination {
+    // Keepalive paths describe plain requests; on a socket, what the client sends counts.
+    let counts = upgrade || is_user_activity(rest, &upstream.purpose.keepalive_paths);
+    let strip = upstream.purpose.strip_prefix || !prefixed;
+    let path = upstream_path(full_path, rest, query, strip);
+    Destination::Instance {
+        upstream,
+        path,
+        prefixed,
+        counts,
+    }
+}
+
+impl EdgeProxy {
+    /// The common case, decided without answering and without allocating for the lookup: a
+    /// request for a ready instance that the requester may reach. `None` sends the request
+    /// down [`Self::answer`], which answers every other case. The WebSocket tunnel asks the
+    /// same question, so both paths let in exactly the same requests.
+    pub(super) fn admit(
+        &self,
+        req: &RequestHeader,
+        client_ip: Option<IpAddr>,
+        upgrade: bool,
+    ) -> Option<Destination> {
+        // Checked on the target as sent: the parsed URI may already have resolved `..`.
+        let raw = std::str::from_utf8(req.raw_path()).ok()?;
+        if has_dot_segment(raw.split('?').next().unwrap_or_default()) {
+            return None;
+        }
+        let full_path = req.uri.path();
+        let query = req.uri.query();
+        let (id, rest, prefixed) = match self.host_routed(req) {
+            Some(id) => (id, full_path, false),
+            None => match parse(full_path) {
+                Target::Instance { id, rest } => (id, rest, true),
+                _ => return None,
+            },
+        };
+        let upstream = self.manager.upstream(id)?;
+        let owner = upstream.owner.as_ref().map(|u| u.as_str());
+        if !upstream.ready || !self.allowed(req, client_ip, &upstream.id, owner, query) {
+            return None;
+        }
+        Some(destination(
+            upstream, full_path, rest, query, prefixed, upgrade,
+        ))
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    /// The instance a `Host` names, when routing by host is on.
+    fn host_routed<'a>(&self, req: &'a RequestHeader) -> Option<&'a str> {
+        let domain = self.config.host_domain.as_deref()?;
+        let host = req.headers.get(http::header::HOST)?.to_str().ok()?;
+        host_instance(host, domain)
+    }
+
+    /// Sends an admitted request on its way.
+    fn proceed(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        destination: Destination,
+        upgrade: bool,
+    ) {
+        if let Destination::Instance {
+            upstream,
+            counts: true,
+            ..
+        } = &destination
+        {
+            upstream.touch(now_ms());
+        }
+        session.set_read_timeout(if upgrade {
+            self.config.websocket_idle_timeout
+        } else {
+            self.config.downstream_read_timeout
+        });
+        ctx.destination = Some(destination);
+    }
+
+    /// Every request [`Self::admit`] did not let straight through: bad addresses, the
+    /// default URL, links to exchange, instances starting or failed, strangers.
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        upgrade: bool,
+    ) -> Result<bool> {
         let req = session.req_header();
         // Checked on the target as sent: the parsed URI may already have resolved `..`.
         let raw = String::from_utf8_lossy(req.raw_path());
@@ -470,10 +598,7 @@ impl ProxyHttp for EdgeProxy {
         }
         let full_path = req.uri.path().to_owned();
         let query = req.uri.query().map(str::to_owned);
-        let host_routed = self.config.host_domain.as_deref().and_then(|domain| {
-            let host = req.headers.get(http::header::HOST)?.to_str().ok()?;
-            host_instance(host, domain).map(str::to_owned)
-        });
+        let host_routed = self.host_routed(req).map(str::to_owned);
         let (id, rest, prefixed) = match (&host_routed, parse(&full_path)) {
             (Some(id), _) => (id.as_str(), full_path.as_str(), false),
             (None, Target::Instance { id, rest }) => (id, rest, true),
@@ -529,35 +654,21 @@ impl ProxyHttp for EdgeProxy {
         if !upstream.ready {
             return progress(session, upstream.stage).await;
         }
-        let purpose = &upstream.purpose;
-        // Keepalive paths describe plain requests; on a socket, what the client sends counts.
-        let counts = session.is_upgrade_req() || is_user_activity(rest, &purpose.keepalive_paths);
-        if counts {
-            upstream.touch(now_ms());
-        }
-        let strip = purpose.strip_prefix || !prefixed;
-        let path = upstream_path(&full_path, rest, query.as_deref(), strip);
-        let timeout = if session.is_upgrade_req() {
-            self.config.websocket_idle_timeout
-        } else {
-            self.config.downstream_read_timeout
-        };
-        session.set_read_timeout(timeout);
-        ctx.destination = Some(Destination::Instance {
+        let destination = destination(
             upstream,
-            path,
+            &full_path,
+            rest,
+            query.as_deref(),
             prefixed,
-            counts,
-        });
+            upgrade,
+        );
+        self.proceed(session, ctx, destination, upgrade);
         Ok(false)
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut RequestCtx,
-    ) -> Result<Box<HttpPeer>> {
-        let addr = match &ctx.destination {
+    /// The socket address a destination is reached at.
+    pub(super) async fn address(&self, destination: Option<&Destination>) -> Result<SocketAddr> {
+        Ok(match destination {
             Some(Destination::Instance { upstream, .. }) => {
                 match (upstream.socket, upstream.address.as_deref()) {
                     // An IP address, parsed once per instance.
@@ -573,34 +684,23 @@ impl ProxyHttp for EdgeProxy {
             }
             Some(Destination::Default(default)) => self.resolve(&default.authority).await?,
             None => return Error::e_explain(ErrorType::InternalError, "no destination chosen"),
-        };
-        ctx.address = Some(addr);
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.config.upstream_connect_timeout);
-        // No read timeout: RStudio's long poll holds a request for about 50 s, and sockets
-        // stay open for hours; the downstream side bounds silence instead.
-        peer.options.read_timeout = None;
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
-        Ok(Box::new(peer))
+        })
     }
 
-    async fn upstream_request_filter(
+    /// The request as the workspace receives it: its path, its `Host`, our forwarding
+    /// headers in place of whatever the client claimed, and without our session cookie.
+    pub(super) fn rewrite_request(
         &self,
-        session: &mut Session,
         request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
+        client_ip: Option<IpAddr>,
+        destination: Option<&Destination>,
     ) -> Result<()> {
-        let host = session
-            .req_header()
+        let host = request
             .headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let client_ip = session
-            .client_addr()
-            .and_then(PingoraAddr::as_inet)
-            .map(|a| a.ip().to_string());
         // What the client claims about forwarding or RStudio's root is never passed on: we
         // set our own below.
         let spoofable: Vec<http::HeaderName> = request
@@ -643,7 +743,7 @@ impl ProxyHttp for EdgeProxy {
                 request.append_header(http::header::COOKIE, value)?;
             }
         }
-        match &ctx.destination {
+        match destination {
             Some(Destination::Instance {
                 upstream,
                 path,
@@ -669,7 +769,7 @@ impl ProxyHttp for EdgeProxy {
             None => {}
         }
         if let Some(ip) = client_ip {
-            request.insert_header("x-forwarded-for", ip)?;
+            request.insert_header("x-forwarded-for", ip.to_string())?;
         }
         let proto = if self.https { "https" } else { "http" };
         request.insert_header("x-forwarded-proto", proto)?;
@@ -680,36 +780,17 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    async fn request_body_filter(
+    /// The workspace's answer as the user receives it: redirects and cookies brought back
+    /// under the instance's prefix.
+    pub(super) fn rewrite_response(
         &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
-        // Request bodies and, after an upgrade, the client's WebSocket frames.
-        if let Some(Destination::Instance {
-            upstream,
-            counts: true,
-            ..
-        }) = &ctx.destination
-        {
-            if body.as_ref().is_some_and(|b| !b.is_empty()) {
-                upstream.touch(now_ms());
-            }
-        }
-        Ok(())
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
         response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
+        destination: Option<&Destination>,
+        address: Option<SocketAddr>,
     ) -> Result<()> {
         let Some(Destination::Instance {
             upstream, prefixed, ..
-        }) = &ctx.destination
+        }) = destination
         else {
             return Ok(());
         };
@@ -719,7 +800,7 @@ impl ProxyHttp for EdgeProxy {
             .get(http::header::LOCATION)
             .and_then(|v| v.to_str().ok())
         {
-            let addr = ctx.address.map(|a| a.to_string()).unwrap_or_default();
+            let addr = address.map(|a| a.to_string()).unwrap_or_default();
             let hosts = [
                 upstream.address.as_deref().unwrap_or_default(),
                 addr.as_str(),
@@ -759,6 +840,79 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let upgrade = session.is_upgrade_req();
+        if let Some(destination) = self.admit(session.req_header(), client_ip(session), upgrade) {
+            self.proceed(session, ctx, destination, upgrade);
+            return Ok(false);
+        }
+        self.answer(session, ctx, upgrade).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let addr = self.address(ctx.destination.as_ref()).await?;
+        ctx.address = Some(addr);
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.config.upstream_connect_timeout);
+        // No read timeout: RStudio's long poll holds a request for about 50 s, and sockets
+        // stay open for hours; the downstream side bounds silence instead.
+        peer.options.read_timeout = None;
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.rewrite_request(request, client_ip(session), ctx.destination.as_ref())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Request bodies and, after an upgrade, the client's WebSocket frames.
+        if let Some(Destination::Instance {
+            upstream,
+            counts: true,
+            ..
+        }) = &ctx.destination
+        {
+            if body.as_ref().is_some_and(|b| !b.is_empty()) {
+                upstream.touch(now_ms());
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.rewrite_response(response, ctx.destination.as_ref(), ctx.address)
     }
 
     async fn fail_to_proxy(
