@@ -11,7 +11,8 @@
 //! - `POST /upload` streams the body and answers its size;
 //! - `GET /headers` (and any `GET /echo/...`) echoes the request line and headers it received
 //!   as JSON;
-//! - `GET /ws` is a WebSocket echo.
+//! - `GET /ws` is a WebSocket echo; the message `?headers` is answered with the handshake's
+//!   headers as the workspace received them, as JSON.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 /// Options of the demo workspace.
@@ -160,22 +162,10 @@ async fn handle(
             )
         }
         ("GET", p) if p == "/headers" || p.starts_with("/echo/") => {
-            let headers: serde_json::Map<String, serde_json::Value> = req
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        serde_json::Value::String(
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        ),
-                    )
-                })
-                .collect();
             let body = serde_json::json!({
                 "method": method.as_str(),
                 "uri": req.uri().to_string(),
-                "headers": headers,
+                "headers": headers_json(req.headers()),
                 "instanceId": options.instance_id,
             });
             reply(StatusCode::OK, "application/json", body.to_string())
@@ -184,6 +174,19 @@ async fn handle(
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
     Ok(response)
+}
+
+fn headers_json(headers: &http::HeaderMap) -> serde_json::Value {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Answers a WebSocket handshake and echoes every text and binary message on the socket.
@@ -207,6 +210,8 @@ fn upgrade(req: &mut Request<Incoming>) -> Reply {
             "expected a WebSocket upgrade\n",
         );
     }
+    // Asked for over the socket, the handshake's headers as the workspace received them.
+    let handshake = headers_json(req.headers()).to_string();
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -226,7 +231,11 @@ fn upgrade(req: &mut Request<Incoming>) -> Reply {
                     break;
                 }
             };
-            if message.is_text() || message.is_binary() {
+            if message.to_text().ok() == Some("?headers") {
+                if socket.send(Message::text(handshake.clone())).await.is_err() {
+                    break;
+                }
+            } else if message.is_text() || message.is_binary() {
                 if socket.send(message).await.is_err() {
                     break;
                 }

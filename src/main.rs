@@ -22,6 +22,7 @@ use rstudio_pool::service::background::Reconciler;
 use rstudio_pool::service::links::UserLinks;
 use rstudio_pool::service::manager::PoolManager;
 use rstudio_pool::service::proxy::EdgeProxy;
+use rstudio_pool::service::tunnel::Edge;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -159,16 +160,14 @@ fn main() {
         },
     ));
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        EdgeProxy::new(
-            Arc::clone(&manager),
-            config.proxy.clone(),
-            &config.auth,
-            signer,
-        ),
-        "edge proxy",
+    let edge = EdgeProxy::new(
+        Arc::clone(&manager),
+        config.proxy.clone(),
+        &config.auth,
+        signer,
     );
+    let http = pingora_proxy::http_proxy(&server.configuration, edge.clone());
+    let mut proxy = Service::new("edge proxy".to_owned(), Edge::new(edge, http));
     proxy.add_tcp(&config.proxy.listen.to_string());
     server.add_service(proxy);
 

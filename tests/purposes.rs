@@ -173,41 +173,31 @@ async fn jupyterlab_runs_code_through_the_proxy_and_its_polling_is_not_activity(
         "ws://{}/{id}/api/kernels/{kernel_id}/channels",
         server.proxy
     );
-    // A socket torn down right after its 101 (cloudflare/pingora#946, see tests/proxy.rs) is
-    // opened again, as JupyterLab itself does; the code must run on one that stays open.
-    let mut output = String::new();
-    for attempt in 1..=5 {
-        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
-        if socket
-            .send(Message::text(execute_request("print(6 * 7)")))
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        output = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(Ok(message)) = socket.next().await {
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                let value: Value = serde_json::from_str(&text).unwrap();
-                if value["header"]["msg_type"] == json!("stream") {
-                    return value["content"]["text"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                }
-            }
-            String::new()
-        })
+    // One socket, no second try: WebSockets are tunnelled outside Pingora's HTTP session,
+    // which tore some down right after their 101 (cloudflare/pingora#946).
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    socket
+        .send(Message::text(execute_request("print(6 * 7)")))
         .await
-        .expect("the kernel's output within 60 s");
-        let _ = socket.close(None).await;
-        if !output.is_empty() {
-            break;
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if value["header"]["msg_type"] == json!("stream") {
+                return value["content"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
         }
-        eprintln!("kernel socket {attempt} closed without output (pingora#946); again");
-    }
+        String::new()
+    })
+    .await
+    .expect("the kernel's output within 60 s");
+    let _ = socket.close(None).await;
     assert_eq!(output, "42\n");
 
     // JupyterLab's background polling of its REST API does not keep the instance alive.

@@ -5,10 +5,13 @@ mod common;
 
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+
 use common::{wait_ready, Options, Server};
 use reqwest::StatusCode;
 use rstudio_pool::core::token::{Claims, Kind, Signer};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 const OLD_SECRET: &str = "old-secret-0123456789abcdef";
@@ -187,6 +190,114 @@ async fn links_and_cookies_open_only_their_owners_workspace() {
         !seen.contains("rsp_token"),
         "the workspace saw the link token: {seen}"
     );
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket through the proxy with extra handshake headers: the socket, or the
+/// status the handshake was refused with.
+async fn ws_open(server: &Server, path: &str, headers: &[(&str, &str)]) -> Result<Socket, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{}{path}", server.proxy)
+        .into_client_request()
+        .unwrap();
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+        request.headers_mut().append(name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+async fn ask(socket: &mut Socket, text: &str) -> String {
+    socket.send(Message::text(text)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .expect("an answer within 10 s")
+        .expect("the socket is open")
+        .unwrap()
+        .into_text()
+        .unwrap()
+        .as_str()
+        .to_owned()
+}
+
+/// WebSockets (tunnelled outside Pingora's HTTP session) let in exactly whom plain requests
+/// let in, and the workspace sees the same rewritten handshake a plain request would carry.
+#[tokio::test]
+async fn websockets_let_in_and_rewrite_as_plain_requests_do() {
+    let server = Server::start(Options {
+        min_free: 2,
+        auth_yaml: Some(token_auth(60)),
+        ..Options::default()
+    })
+    .await;
+    let (link_a, a) = link(&server, "ana").await;
+    let (_, b) = link(&server, "bo").await;
+    let session = cookie_pair(&exchange(&server, &link_a).await.1);
+    wait_ready_with(&server, &a, &session).await;
+    let cookie = format!("{session}; theme=dark");
+    let spoofed = [
+        ("cookie", cookie.as_str()),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-host", "evil.test"),
+        ("x-rstudio-root-path", "/elsewhere/"),
+    ];
+    let mut plain = server
+        .client()
+        .get(server.proxy_url(&format!("/{a}/headers")));
+    for (name, value) in spoofed {
+        plain = plain.header(name, value);
+    }
+    let plain: Value = plain.send().await.unwrap().json().await.unwrap();
+
+    let mut socket = ws_open(&server, &format!("/{a}/ws"), &spoofed)
+        .await
+        .expect("the owner's socket opens");
+    let seen: Value = serde_json::from_str(&ask(&mut socket, "?headers").await).unwrap();
+    for header in [
+        "host",
+        "cookie",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-proto",
+        "x-rstudio-root-path",
+    ] {
+        assert_eq!(
+            seen[header], plain["headers"][header],
+            "{header}: the socket's handshake {seen}, a plain request {plain}"
+        );
+    }
+    assert_eq!(seen["cookie"], json!("theme=dark"));
+    assert_eq!(seen["x-forwarded-for"], json!("127.0.0.1"));
+    assert_eq!(seen["x-rstudio-root-path"], json!(format!("/{a}")));
+    assert_eq!(ask(&mut socket, "hello").await, "hello");
+
+    // Strangers get the 401 a plain request gets: no cookie, a forged one, ana's cookie on
+    // bo's workspace.
+    assert_eq!(
+        ws_open(&server, &format!("/{a}/ws"), &[]).await.err(),
+        Some(401)
+    );
+    let forged = [("cookie", "rstudio-pool-session=forged.token")];
+    assert_eq!(
+        ws_open(&server, &format!("/{a}/ws"), &forged).await.err(),
+        Some(401)
+    );
+    let hers = [("cookie", session.as_str())];
+    assert_eq!(
+        ws_open(&server, &format!("/{b}/ws"), &hers).await.err(),
+        Some(401)
+    );
+    // Her socket is still hers.
+    assert_eq!(ask(&mut socket, "still here").await, "still here");
 }
 
 #[tokio::test]

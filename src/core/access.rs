@@ -167,7 +167,14 @@ mod tests {
         );
         assert_eq!(take_link_param("a=1"), (None, "a=1".into()));
         // The quick test agrees with the taking.
-        for query in ["rsp_token=abc", "a=1&rsp_token", "a=1", "rsp_tokens=1", "", "x=rsp_token"] {
+        for query in [
+            "rsp_token=abc",
+            "a=1&rsp_token",
+            "a=1",
+            "rsp_tokens=1",
+            "",
+            "x=rsp_token",
+        ] {
             assert_eq!(
                 has_link_param(query),
                 take_link_param(query).0.is_some(),

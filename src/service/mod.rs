@@ -1,8 +1,10 @@
 //! Services: the pool manager and the Pingora services around it (command API, reconcile
-//! loop, edge proxy).
+//! loop, edge proxy and its WebSocket tunnel).
 //!
-//! **Architecture invariant:** only `proxy` knows Pingora's proxy phases; `manager` knows no
-//! Pingora type at all, so it can be driven directly by tests.
+//! **Architecture invariant:** only `proxy` knows Pingora's proxy phases, and `tunnel` is the
+//! only other code that reads or writes HTTP on the edge listener (WebSocket handshakes,
+//! deciding and rewriting through `proxy`'s methods); `manager` knows no Pingora type at all,
+//! so it can be driven directly by tests.
 
 pub mod api;
 pub mod background;
@@ -10,3 +12,4 @@ pub mod links;
 pub mod manager;
 pub mod probe;
 pub mod proxy;
+pub mod tunnel;

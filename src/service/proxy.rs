@@ -96,6 +96,10 @@ impl EdgeProxy {
         }
     }
 
+    pub(super) fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
     /// Resolves `host:port` without blocking a worker (`HttpPeer::new` with a name would
     /// resolve synchronously and panic on failure), caching the answer.
     async fn resolve(&self, authority: &str) -> Result<SocketAddr> {

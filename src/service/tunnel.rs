@@ -1,0 +1,468 @@
+//! WebSockets outside Pingora's HTTP session. The edge proxy's listener runs [`Edge`], which
+//! reads a connection's first request head itself. A WebSocket handshake that
+//! [`EdgeProxy::admit`] lets straight through (a ready instance, its owner signed in) becomes a
+//! tunnel: the handshake is rewritten by the same methods the Pingora hooks use, and after the
+//! workspace's `101` the two sockets are joined by a relay that holds no buffer while the
+//! socket is idle. Everything else, including a handshake the workspace does not answer with
+//! `101`, is put back in front of the stream and handed to Pingora, which answers it.
+//!
+//! Why: Pingora 0.9.1 keeps two 64 KiB body buffers and a retry buffer for every upgraded
+//! connection (about 60 KB of memory per idle socket, not configurable), and tears an upgraded
+//! connection down when a fast workspace answers before it has read the empty request body
+//! (cloudflare/pingora#946). Browsers open every WebSocket on a connection of its own, so the
+//! first request of a connection is where their handshakes are; a handshake later on a reused
+//! connection still works, through Pingora.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::apps::ServerApp;
+use pingora_core::protocols::l4::stream::Stream as L4Stream;
+use pingora_core::protocols::{GetSocketDigest, Stream};
+use pingora_core::server::ShutdownWatch;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::HttpProxy;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::proxy::{Destination, EdgeProxy};
+use crate::provider::process::now_ms;
+
+/// A request or response head longer than this is left to Pingora (which refuses it).
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers parsed in a head; more are left to Pingora.
+const MAX_HEADERS: usize = 128;
+/// What the relay reads at once, on the stack: an idle socket holds no buffer.
+const CHUNK: usize = 16 * 1024;
+
+/// The edge proxy's connection handler: WebSocket tunnels, and Pingora for the rest.
+pub struct Edge {
+    proxy: EdgeProxy,
+    http: Arc<HttpProxy<EdgeProxy>>,
+}
+
+impl Edge {
+    pub fn new(proxy: EdgeProxy, http: HttpProxy<EdgeProxy>) -> Self {
+        Self {
+            proxy,
+            http: Arc::new(http),
+        }
+    }
+
+    /// Looks at a connection's first request: a tunnel when it is an admitted WebSocket
+    /// handshake (`None`: the connection is finished), otherwise the stream as it came, for
+    /// Pingora.
+    async fn open(&self, stream: Stream) -> Option<Stream> {
+        // TLS or other transports: Pingora alone.
+        if !stream.as_any().is::<L4Stream>() {
+            return Some(stream);
+        }
+        let mut client: Box<L4Stream> = stream.into_any().downcast().ok()?;
+        let mut head = Vec::with_capacity(2048);
+        let first = loop {
+            if head.capacity() - head.len() < 1024 {
+                head.reserve(4096);
+            }
+            let read = client.read_buf(&mut head);
+            let n = match self.proxy.config().downstream_read_timeout {
+                Some(limit) => tokio::time::timeout(limit, read).await.ok()?.ok()?,
+                None => read.await.ok()?,
+            };
+            if n == 0 {
+                // Closed before a whole head: nothing to answer.
+                return None;
+            }
+            match first_request(&head) {
+                First::Incomplete if head.len() < MAX_HEAD => continue,
+                first => break first,
+            }
+        };
+        if let First::Upgrade { request, len } = first {
+            let client_ip = client
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            if let Some(destination) = self.proxy.admit(&request, client_ip, true) {
+                match self
+                    .tunnel(&mut client, request, head, len, destination, client_ip)
+                    .await
+                {
+                    Ok(()) => return None,
+                    Err(declined) => head = declined,
+                }
+            }
+        }
+        client.rewind(&head);
+        Some(client)
+    }
+
+    /// Carries an admitted handshake to the workspace and, on its `101`, relays the socket
+    /// until either side closes it or it has been silent for the WebSocket idle timeout.
+    /// `Err` gives the client's bytes back when the workspace could not be reached or did not
+    /// switch protocols: Pingora then does the request again and answers with its pages.
+    async fn tunnel(
+        &self,
+        client: &mut L4Stream,
+        mut request: RequestHeader,
+        head: Vec<u8>,
+        len: usize,
+        destination: Destination,
+        client_ip: Option<IpAddr>,
+    ) -> Result<(), Vec<u8>> {
+        let config = self.proxy.config();
+        let Ok(addr) = self.proxy.address(Some(&destination)).await else {
+            return Err(head);
+        };
+        let Ok(Ok(mut server)) =
+            tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(addr)).await
+        else {
+            return Err(head);
+        };
+        let _ = server.set_nodelay(true);
+        if self
+            .proxy
+            .rewrite_request(&mut request, client_ip, Some(&destination))
+            .is_err()
+        {
+            return Err(head);
+        }
+        let mut out = Vec::with_capacity(head.len() + 256);
+        write_request_head(&request, &mut out);
+        // Whatever the client sent after its head (it should wait for the 101, but may not).
+        out.extend_from_slice(&head[len..]);
+        if server.write_all(&out).await.is_err() {
+            return Err(head);
+        }
+        let answer_limit = config
+            .downstream_read_timeout
+            .unwrap_or(Duration::from_secs(60));
+        let mut answer = Vec::with_capacity(1024);
+        let (mut response, response_len) = loop {
+            if answer.capacity() - answer.len() < 512 {
+                answer.reserve(4096);
+            }
+            match tokio::time::timeout(answer_limit, server.read_buf(&mut answer)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(head),
+            }
+            match response_head(&answer) {
+                Some(Some(parsed)) => break parsed,
+                Some(None) if answer.len() < MAX_HEAD => continue,
+                _ => return Err(head),
+            }
+        };
+        if response.status.as_u16() != 101
+            || self
+                .proxy
+                .rewrite_response(&mut response, Some(&destination), Some(addr))
+                .is_err()
+        {
+            return Err(head);
+        }
+        out.clear();
+        write_response_head(&response, &mut out);
+        out.extend_from_slice(&answer[response_len..]);
+        drop((head, answer, request, response));
+        let written = client.write_all(&out).await.and(client.flush().await);
+        drop(out);
+        let Destination::Instance {
+            upstream, counts, ..
+        } = destination
+        else {
+            return Ok(());
+        };
+        if written.is_err() {
+            return Ok(());
+        }
+        log::debug!("WebSocket tunnel open to {}", upstream.id);
+        if counts {
+            upstream.touch(now_ms());
+        }
+        let result = relay(client, &mut server, config.websocket_idle_timeout, || {
+            if counts {
+                upstream.touch(now_ms());
+            }
+        })
+        .await;
+        log::debug!("WebSocket tunnel to {} closed: {result:?}", upstream.id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ServerApp for Edge {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let mut stream = self.open(stream).await?;
+        // Pingora's own reuse loop, kept here so that only a connection's first request is
+        // read twice.
+        loop {
+            stream = self.http.process_new(stream, shutdown).await?;
+        }
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.http).await
+    }
+}
+
+/// What a connection's first bytes hold.
+enum First {
+    Incomplete,
+    /// Not a WebSocket handshake, or not one we read ourselves: Pingora's.
+    Other,
+    Upgrade {
+        request: RequestHeader,
+        /// The head's length in bytes.
+        len: usize,
+    },
+}
+
+fn first_request(buf: &[u8]) -> First {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return First::Incomplete,
+        Err(_) => return First::Other,
+    };
+    let (Some("GET"), Some(1), Some(path)) = (req.method, req.version, req.path) else {
+        return First::Other;
+    };
+    let has = |name: &str, token: &str| {
+        req.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case(name)
+                && std::str::from_utf8(h.value)
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has("upgrade", "websocket") || !has("connection", "upgrade") {
+        return First::Other;
+    }
+    let Ok(mut request) =
+        RequestHeader::build_no_case("GET", path.as_bytes(), Some(req.headers.len()))
+    else {
+        return First::Other;
+    };
+    for h in req.headers.iter() {
+        if request.append_header(h.name.to_owned(), h.value).is_err() {
+            return First::Other;
+        }
+    }
+    First::Upgrade { request, len }
+}
+
+/// The workspace's response head: `None` when it is not HTTP, `Some(None)` when incomplete.
+fn response_head(buf: &[u8]) -> Option<Option<(ResponseHeader, usize)>> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut headers);
+    let len = match res.parse(buf).ok()? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Some(None),
+    };
+    let mut response = ResponseHeader::build_no_case(res.code?, Some(res.headers.len())).ok()?;
+    for h in res.headers.iter() {
+        response.append_header(h.name.to_owned(), h.value).ok()?;
+    }
+    Some(Some((response, len)))
+}
+
+fn write_request_head(request: &RequestHeader, out: &mut Vec<u8>) {
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = request.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    write_headers(&request.headers, out);
+}
+
+fn write_response_head(response: &ResponseHeader, out: &mut Vec<u8>) {
+    let status = response.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_headers(&response.headers, out);
+}
+
+fn write_headers(headers: &http::HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Joins the two sockets until both directions have ended, either fails, or nothing has
+/// passed either way for `idle`. `on_client_data` runs whenever the client sends something.
+async fn relay(
+    client: &mut L4Stream,
+    server: &mut TcpStream,
+    idle: Option<Duration>,
+    on_client_data: impl Fn(),
+) -> io::Result<()> {
+    let mut up = Pump::default();
+    let mut down = Pump::default();
+    let mut last = Instant::now();
+    let mut timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+    poll_fn(|cx| {
+        let (mut sent, mut received) = (false, false);
+        let up_state = up.poll(cx, client, server, &mut sent);
+        if sent {
+            on_client_data();
+        }
+        let down_state = down.poll(cx, server, client, &mut received);
+        match (up_state, down_state) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
+            _ => {}
+        }
+        if sent || received {
+            last = Instant::now();
+        }
+        if let (Some(timer), Some(idle)) = (timer.as_mut(), idle) {
+            // The timer is moved only when it fires, not on every message.
+            while timer.as_mut().poll(cx).is_ready() {
+                let due = last + idle;
+                if due <= Instant::now() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the WebSocket was silent for its idle timeout",
+                    )));
+                }
+                timer.as_mut().reset(due);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// One direction of a relay. Reads into a stack buffer and writes straight on; only what the
+/// other side cannot take yet is kept, on the heap, until it can.
+#[derive(Default)]
+struct Pump {
+    pending: Vec<u8>,
+    flush: bool,
+    eof: bool,
+    done: bool,
+}
+
+impl Pump {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.drain(..n);
+                if self.pending.is_empty() {
+                    self.pending = Vec::new();
+                }
+                continue;
+            }
+            if self.flush {
+                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                self.flush = false;
+            }
+            if self.eof {
+                // Half-close: the other direction may still have something to say.
+                ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); CHUNK];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut *src).poll_read(cx, &mut buf))?;
+            let data = buf.filled();
+            if data.is_empty() {
+                self.eof = true;
+                continue;
+            }
+            *moved = true;
+            self.flush = true;
+            match Pin::new(&mut *dst).poll_write(cx, data) {
+                Poll::Ready(Ok(n)) if n == data.len() => {}
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.pending = data[n..].to_vec(),
+                Poll::Pending => self.pending = data.to_vec(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_websocket_handshakes_are_taken() {
+        let ws = b"GET /i-0123456789abcdef0/ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\n\r\n\x81\x00";
+        let First::Upgrade { request, len } = first_request(ws) else {
+            panic!("a handshake");
+        };
+        assert_eq!(len, ws.len() - 2);
+        assert_eq!(request.raw_path(), b"/i-0123456789abcdef0/ws?x=1");
+        assert_eq!(request.headers["sec-websocket-key"], "k");
+        let mut out = Vec::new();
+        write_request_head(&request, &mut out);
+        assert!(out.starts_with(b"GET /i-0123456789abcdef0/ws?x=1 HTTP/1.1\r\n"));
+        assert!(out.ends_with(b"sec-websocket-key: k\r\n\r\n"));
+
+        assert!(matches!(first_request(&ws[..30]), First::Incomplete));
+        for other in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            b"POST /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01",
+        ] {
+            assert!(matches!(first_request(other), First::Other));
+        }
+    }
+
+    #[test]
+    fn the_workspace_answer_is_read_and_written_back() {
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x01a";
+        let (response, len) = response_head(answer).unwrap().unwrap();
+        assert_eq!(response.status.as_u16(), 101);
+        assert_eq!(&answer[len..], b"\x81\x01a");
+        let mut out = Vec::new();
+        write_response_head(&response, &mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n"
+        );
+        assert!(matches!(response_head(&answer[..20]), Some(None)));
+        assert!(response_head(b"SSH-2.0\r\n\r\n").is_none());
+    }
+}
