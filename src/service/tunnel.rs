@@ -110,7 +110,7 @@ impl Edge {
     async fn tunnel(
         &self,
         client: &mut L4Stream,
-        mut request: RequestHeader,
+        mut request: Box<RequestHeader>,
         head: Vec<u8>,
         len: usize,
         destination: Destination,
@@ -222,7 +222,7 @@ enum First {
     /// Not a WebSocket handshake, or not one we read ourselves: Pingora's.
     Other,
     Upgrade {
-        request: RequestHeader,
+        request: Box<RequestHeader>,
         /// The head's length in bytes.
         len: usize,
     },
@@ -259,7 +259,10 @@ fn first_request(buf: &[u8]) -> First {
             return First::Other;
         }
     }
-    First::Upgrade { request, len }
+    First::Upgrade {
+        request: Box::new(request),
+        len,
+    }
 }
 
 /// The workspace's response head: `None` when it is not HTTP, `Some(None)` when incomplete.
