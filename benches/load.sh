@@ -6,6 +6,8 @@
 #      all on), nginx with an equivalent prefix-stripping config, configurable-http-proxy, and
 #      the bare Pingora proxy of benches/bare_proxy.rs. wrk drives each: keep-alive, 1 thread,
 #      $CONNS connections, $DURATION s, $ROUNDS rounds in alternating order. One worker each.
+#   1b. Instructions per request: rstudio-pool and the bare Pingora proxy again, each under
+#      callgrind, so that the cost of our features is a count that machine noise does not move.
 #   2. WebSockets: $WS_SOCKETS sockets through rstudio-pool, nginx and configurable-http-proxy
 #      to the demo workspace's echo, each sending one small message a second for $WS_SECONDS s.
 #   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
@@ -14,6 +16,7 @@
 #
 #   benches/load.sh                          # everything, about 6 minutes
 #   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
+#   PARTS=instr INSTR_REPORT=/tmp/instr.txt benches/load.sh   # instructions per request, by function
 #   BENCH_AUTH=none PARTS=http benches/load.sh   # what the access check costs
 #   PARTS=ws WS_SOCKETS=10000 WS_SECONDS=600 WS_PROXIES=rstudio-pool benches/load.sh   # the soak
 set -euo pipefail
@@ -26,11 +29,13 @@ ROUNDS="${ROUNDS:-2}"
 WS_SOCKETS="${WS_SOCKETS:-1000 10000}"
 WS_SECONDS="${WS_SECONDS:-30}"
 API_CALLERS="${API_CALLERS:-200}"
-PARTS="${PARTS:-http ws api}"
+PARTS="${PARTS:-http instr ws api}"
+INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
 need_apt=()
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+if [[ " $PARTS " == *" instr "* ]]; then command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind); fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "load: installing ${need_apt[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -128,7 +133,7 @@ RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/bench.yaml" > "$WORK/rstudio-pool.lo
 POOL_PID=$!; PIDS+=("$POOL_PID")
 wait_port "$API"; wait_port "$PROXY"
 
-command_api() { curl -sf -X POST "http://127.0.0.1:$API/" -d "$1"; }
+command_api() { curl -sf -X POST "http://127.0.0.1:${COMMAND_PORT:-$API}/" -d "$1"; }
 json() { python3 -c "import sys,json; v=json.load(sys.stdin); print($1)"; }
 # Registers an instance of a purpose through the command API and opens its link like a
 # browser: prints "<instance id> <upstream host:port> <session cookie>".
@@ -256,6 +261,50 @@ if [[ " $PARTS " == *" http "* ]]; then
   done
   B_RPS=$(mean ${RPS[bare-pingora]}); C_RPS=$(mean ${RPS[chp]}); R_RPS=$(mean ${RPS[rstudio-pool]})
   echo "rstudio-pool vs bare Pingora: $(calc "$R_RPS / $B_RPS")x; vs configurable-http-proxy: $(calc "$R_RPS / $C_RPS")x"
+fi
+
+# ---- Part 1b: instructions per request (callgrind) ----
+# Wall-clock figures on two shared cores move by 10-20% from run to run; instruction counts
+# do not. Each Pingora proxy runs again under callgrind, counters zeroed once it is warm, a
+# fixed-length wrk load, then a dump: instructions per request = instructions / requests.
+if [[ " $PARTS " == *" instr "* ]]; then
+  IAPI=$(port); IPROXY=$(port); IBARE=$(port)
+  sed -e "s#127.0.0.1:$API#127.0.0.1:$IAPI#; s#127.0.0.1:$PROXY#127.0.0.1:$IPROXY#; s#state_dir: $WORK/state#state_dir: $WORK/state-instr#" \
+    "$WORK/bench.yaml" > "$WORK/instr.yaml"
+  RUST_LOG=warn valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-rstudio-pool.out" \
+    "$BIN/rstudio-pool" -c "$WORK/instr.yaml" > "$WORK/instr.log" 2>&1 &
+  ICG_POOL=$!; PIDS+=("$ICG_POOL")
+  valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-bare-pingora.out" \
+    "$BIN/examples/bare_proxy" "127.0.0.1:$IBARE" "$UP" 1 > "$WORK/instr-bare.log" 2>&1 &
+  ICG_BARE=$!; PIDS+=("$ICG_BARE")
+  for p in $IAPI $IPROXY $IBARE; do
+    for _ in $(seq 1 10); do wait_port "$p" 2>/dev/null && break; done
+  done
+  read -r IID _ ICOOKIE < <(COMMAND_PORT=$IAPI register bench-instr bench)
+  echo
+  echo "Instructions per request (callgrind, wrk -t1 -c10 -d${INSTR_SECONDS}s against each proxy under valgrind)"
+  printf '| %-14s | %9s | %16s | %12s |\n' proxy requests "instructions/req" "vs bare"
+  printf '|%s|%s|%s|%s|\n' ---------------- ----------- ------------------ --------------
+  declare -A IR
+  for name in bare-pingora rstudio-pool; do
+    case $name in
+      rstudio-pool) pid=$ICG_POOL; url="http://127.0.0.1:$IPROXY/$IID/"; header="Cookie: $ICOOKIE" ;;
+      bare-pingora) pid=$ICG_BARE; url="http://127.0.0.1:$IBARE/$ID/"; header="X-Bench: 1" ;;
+    esac
+    wrk -t1 -c10 -d2s -H "$header" "$url" > /dev/null   # warm: connections, caches
+    callgrind_control -z "$pid" > /dev/null
+    out=$(wrk -t1 -c10 -d"${INSTR_SECONDS}s" -H "$header" "$url")
+    callgrind_control -d "$pid" > /dev/null
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    dump=$(ls -t "$WORK/cg-$name.out".* | head -1)
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+    IR[$name]=$(calc "$total / $n")
+    printf '| %-14s | %9s | %16.0f | %11.3fx |\n' "$name" "$n" "${IR[$name]}" "$(calc "${IR[$name]} / ${IR[bare-pingora]}")"
+    if [ -n "${INSTR_REPORT:-}" ]; then
+      { echo "== $name: $n requests, inclusive instructions by function"; callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | head -120; } >> "$INSTR_REPORT"
+    fi
+  done
+  kill "$ICG_POOL" "$ICG_BARE" 2>/dev/null || true
 fi
 
 # ---- Part 2: WebSockets ----
