@@ -301,7 +301,9 @@ if [[ " $PARTS " == *" instr "* ]]; then
     IR[$name]=$(calc "$total / $n")
     printf '| %-14s | %9s | %16.0f | %11.3fx |\n' "$name" "$n" "${IR[$name]}" "$(calc "${IR[$name]} / ${IR[bare-pingora]}")"
     if [ -n "${INSTR_REPORT:-}" ]; then
-      { echo "== $name: $n requests, inclusive instructions by function"; callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | head -120; } >> "$INSTR_REPORT"
+      { echo "== $name: $n requests, instructions by function, inclusive then exclusive"
+        callgrind_annotate --inclusive=yes "$dump" 2>/dev/null | head -150 || true
+        callgrind_annotate "$dump" 2>/dev/null | head -80 || true; } >> "$INSTR_REPORT"
     fi
   done
   kill "$ICG_POOL" "$ICG_BARE" 2>/dev/null || true

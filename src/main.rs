@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
@@ -168,7 +169,13 @@ fn main() {
     );
     let http = pingora_proxy::http_proxy(&server.configuration, edge.clone());
     let mut proxy = Service::new("edge proxy".to_owned(), Edge::new(edge, http));
-    proxy.add_tcp(&config.proxy.listen.to_string());
+    // No 64 KiB read buffer in front of each connection: Pingora's HTTP session reads into
+    // its own buffer anyway, so the L4 one only added a copy of every request, and a
+    // WebSocket held it for hours.
+    proxy.add_listener(
+        ListenerConfig::tcp(config.proxy.listen.to_string())
+            .l4_buffer(L4BufferSettings::default().read(0)),
+    );
     server.add_service(proxy);
 
     println!(

@@ -10,9 +10,11 @@ pub const SESSION_COOKIE: &str = "rstudio-pool-session";
 
 /// The value of cookie `name` in a `Cookie` header value.
 pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    // Matches the name at the start of each pair rather than searching every pair (tokens
+    // included) for its `=`.
     header.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then_some(v)
+        let v = pair.trim_start().strip_prefix(name)?.strip_prefix('=')?;
+        Some(v.trim_end())
     })
 }
 
@@ -26,7 +28,6 @@ pub fn without_cookie(header: &str, name: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("; "))
 }
 
-/// Splits the link token out of a query: (token, the query without it).
 /// Whether a query carries a link token (which [`take_link_param`] would take), without
 /// allocating.
 pub fn has_link_param(query: &str) -> bool {
@@ -35,6 +36,7 @@ pub fn has_link_param(query: &str) -> bool {
         .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == LINK_PARAM)
 }
 
+/// Splits the link token out of a query: (token, the query without it).
 pub fn take_link_param(query: &str) -> (Option<&str>, String) {
     let mut token = None;
     let mut rest = Vec::new();
@@ -145,6 +147,12 @@ mod tests {
         let h = "a=1; rstudio-pool-session=tok; b=2";
         assert_eq!(cookie(h, SESSION_COOKIE), Some("tok"));
         assert_eq!(cookie(h, "c"), None);
+        assert_eq!(
+            cookie("x=1;rstudio-pool-session=t ", SESSION_COOKIE),
+            Some("t")
+        );
+        assert_eq!(cookie("rstudio-pool-sessionx=t", SESSION_COOKIE), None);
+        assert_eq!(cookie("a=rstudio-pool-session=t", SESSION_COOKIE), None);
         assert_eq!(
             without_cookie(h, SESSION_COOKIE).as_deref(),
             Some("a=1; b=2")

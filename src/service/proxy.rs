@@ -492,6 +492,39 @@ impl EdgeProxy {
     }
 }
 
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: http::HeaderName = http::HeaderName::from_static("x-forwarded-port");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+
+/// An address as a header value, IPv4 formatted by hand (`Display` costs more than the
+/// rest of the header's handling).
+fn ip_header(ip: IpAddr) -> http::HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return http::HeaderValue::from_str(&ip.to_string())
+            .unwrap_or(http::HeaderValue::from_static("unknown"));
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    http::HeaderValue::from_bytes(&text[..len]).unwrap_or(http::HeaderValue::from_static("unknown"))
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -693,22 +726,46 @@ impl EdgeProxy {
 
     /// The request as the workspace receives it: its path, its `Host`, our forwarding
     /// headers in place of whatever the client claimed, and without our session cookie.
+    ///
+    /// Edited as plain `http` parts, not through `RequestHeader`'s setters: those parse every
+    /// name again and keep a second map of header-name case, which cost more instructions
+    /// than all the rest of our hooks (callgrind, BENCHMARKS.md). The workspace receives
+    /// lower-case header names, as over HTTP/2; names are case-insensitive in HTTP/1.1.
     pub(super) fn rewrite_request(
         &self,
         request: &mut RequestHeader,
         client_ip: Option<IpAddr>,
         destination: Option<&Destination>,
     ) -> Result<()> {
-        let host = request
-            .headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let uri = match destination {
+            Some(Destination::Instance { path, .. }) => Some(path.parse().map_err(|_| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the request path cannot be forwarded",
+                )
+            })?),
+            _ => None,
+        };
+        let default_host = match destination {
+            Some(Destination::Default(default)) => Some(
+                http::HeaderValue::from_str(&default.host_header).map_err(|_| {
+                    Error::explain(ErrorType::InvalidHTTPHeader, "DEFAULT_URL's host")
+                })?,
+            ),
+            _ => None,
+        };
+        let end_stream = request.send_end_stream();
+        let mut parts: http::request::Parts = std::mem::replace(
+            request,
+            RequestHeader::from(http::Request::new(()).into_parts().0),
+        )
+        .into();
+        let headers = &mut parts.headers;
+        headers.reserve(6);
+        let host = headers.get(http::header::HOST).cloned();
         // What the client claims about forwarding or RStudio's root is never passed on: we
         // set our own below.
-        let spoofable: Vec<http::HeaderName> = request
-            .headers
+        let spoofable: Vec<http::HeaderName> = headers
             .keys()
             .filter(|k| {
                 k.as_str().starts_with("x-forwarded-") || k.as_str().starts_with("x-rstudio-")
@@ -716,70 +773,73 @@ impl EdgeProxy {
             .cloned()
             .collect();
         for name in spoofable {
-            request.remove_header(&name);
+            headers.remove(name);
         }
-        request.remove_header("forwarded");
+        headers.remove(http::header::FORWARDED);
         // Our session cookie is ours: the workspace never sees it.
         // Nothing is copied unless our cookie is there to take out.
-        let ours = request
-            .headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .any(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|c| cookie(c, SESSION_COOKIE))
-                    .is_some()
-            });
+        let ours = headers.get_all(http::header::COOKIE).iter().any(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|c| cookie(c, SESSION_COOKIE))
+                .is_some()
+        });
         if ours {
-            let others: Vec<String> = request
-                .headers
+            let others: Vec<http::HeaderValue> = headers
                 .get_all(http::header::COOKIE)
                 .iter()
                 .filter_map(|v| {
                     v.to_str()
                         .ok()
                         .and_then(|c| without_cookie(c, SESSION_COOKIE))
+                        .and_then(|c| http::HeaderValue::from_str(&c).ok())
                 })
                 .collect();
-            request.remove_header(&http::header::COOKIE);
+            headers.remove(http::header::COOKIE);
             for value in others {
-                request.append_header(http::header::COOKIE, value)?;
+                headers.append(http::header::COOKIE, value);
             }
         }
+        if let Some(uri) = uri {
+            parts.uri = uri;
+        }
+        let headers = &mut parts.headers;
         match destination {
             Some(Destination::Instance {
-                upstream,
-                path,
-                prefixed,
-                ..
+                upstream, prefixed, ..
             }) => {
-                request.set_uri(path.parse().map_err(|_| {
-                    Error::explain(
-                        ErrorType::InvalidHTTPHeader,
-                        "the request path cannot be forwarded",
-                    )
-                })?);
                 if let Some(host) = &upstream.host_header {
-                    request.insert_header(http::header::HOST, host.clone())?;
+                    headers.insert(http::header::HOST, host.clone());
                 }
                 if let (Some((name, value)), true) = (&upstream.root_path, *prefixed) {
-                    request.insert_header(name.clone(), value.clone())?;
+                    headers.insert(name.clone(), value.clone());
                 }
             }
-            Some(Destination::Default(default)) => {
-                request.insert_header(http::header::HOST, default.host_header.as_str())?;
+            Some(Destination::Default(_)) => {
+                if let Some(value) = default_host {
+                    headers.insert(http::header::HOST, value);
+                }
             }
             None => {}
         }
         if let Some(ip) = client_ip {
-            request.insert_header("x-forwarded-for", ip.to_string())?;
+            headers.insert(X_FORWARDED_FOR, ip_header(ip));
         }
         let proto = if self.https { "https" } else { "http" };
-        request.insert_header("x-forwarded-proto", proto)?;
-        if !host.is_empty() {
-            request.insert_header("x-forwarded-port", forwarded_port(&host, self.https))?;
-            request.insert_header("x-forwarded-host", host)?;
+        headers.insert(X_FORWARDED_PROTO, http::HeaderValue::from_static(proto));
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
+            let port = match forwarded_port(host.to_str().unwrap_or_default(), self.https) {
+                "80" => http::HeaderValue::from_static("80"),
+                "443" => http::HeaderValue::from_static("443"),
+                port => http::HeaderValue::from_str(port)
+                    .unwrap_or(http::HeaderValue::from_static("80")),
+            };
+            headers.insert(X_FORWARDED_PORT, port);
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        *request = RequestHeader::from(parts);
+        if let Some(end_stream) = end_stream {
+            request.set_send_end_stream(end_stream);
         }
         Ok(())
     }
@@ -876,7 +936,9 @@ impl ProxyHttp for EdgeProxy {
         // No read timeout: RStudio's long poll holds a request for about 50 s, and sockets
         // stay open for hours; the downstream side bounds silence instead.
         peer.options.read_timeout = None;
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        // No idle timeout on pooled connections either: a timer per request cost 2,000
+        // instructions (callgrind). Workspaces close idle keep-alive connections themselves,
+        // and Pingora notices a pooled connection closing.
         Ok(Box::new(peer))
     }
 
@@ -955,6 +1017,26 @@ impl ProxyHttp for EdgeProxy {
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_become_header_values() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.5.99",
+            "127.0.0.1",
+            "::1",
+            "fd00::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip), ip.to_string().as_str());
         }
     }
 }
