@@ -84,7 +84,17 @@ pub struct Inner {
     /// Ports handed to live workspaces. A port is free to the kernel from the moment we probe
     /// it until the workspace binds it; this set keeps two launches from getting the same one.
     ports: Mutex<HashSet<u16>>,
+    /// The one thread that appends tags. A burst of assignments used to start a blocking-pool
+    /// thread per write (hundreds at once, each with a fresh stack); one long-lived writer
+    /// does the same small appends in turn.
+    tagger: std::sync::mpsc::Sender<TagJob>,
 }
+
+type TagJob = (
+    InstanceId,
+    Vec<(String, String)>,
+    tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
+);
 
 impl ProcessProvider {
     /// Creates the provider over `state_dir`, creating its folders.
@@ -99,6 +109,16 @@ impl ProcessProvider {
         std::fs::create_dir_all(state_dir.join("tmp"))?;
         let state_dir = state_dir.canonicalize()?;
         let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+        let (tagger, jobs) = std::sync::mpsc::channel::<TagJob>();
+        let dir = state_dir.clone();
+        // Ends when the provider (the only sender) is dropped.
+        std::thread::Builder::new()
+            .name("workspace tags".into())
+            .spawn(move || {
+                for (id, tags, done) in jobs {
+                    let _ = done.send(append_tags(&dir, &id, &tags));
+                }
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 state_dir,
@@ -107,14 +127,45 @@ impl ProcessProvider {
                 exe,
                 children: Mutex::new(HashMap::new()),
                 ports: Mutex::new(HashSet::new()),
+                tagger,
             }),
         })
     }
 }
 
+/// Appends one line of tags to an instance's tags file (made at launch, next to its record).
+fn append_tags(
+    state_dir: &Path,
+    id: &InstanceId,
+    tags: &[(String, String)],
+) -> Result<(), ProviderError> {
+    use std::io::Write;
+    if !record_path(state_dir, id.as_str()).exists() {
+        return Err(ProviderError::NotFound(id.clone()));
+    }
+    let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut line = serde_json::to_vec(&map)
+        .map_err(|e| ProviderError::Other(format!("cannot encode tags of {id}: {e}")))?;
+    line.push(b'\n');
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(tags_path(state_dir, id.as_str()))
+        .and_then(|mut file| file.write_all(&line))
+        .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
+}
+
+fn record_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("instances").join(format!("{id}.json"))
+}
+
+fn tags_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("instances").join(format!("{id}.tags"))
+}
+
 impl Inner {
     fn record_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join("instances").join(format!("{id}.json"))
+        record_path(&self.state_dir, id)
     }
 
     fn log_path(&self, id: &str) -> PathBuf {
@@ -157,7 +208,7 @@ impl Inner {
     /// shared folder (whose lock serialised concurrent assignments), and an `O_APPEND` write
     /// of one small line lands whole; a torn last line after a crash is skipped on reading.
     fn tags_path(&self, id: &str) -> PathBuf {
-        self.state_dir.join("instances").join(format!("{id}.tags"))
+        tags_path(&self.state_dir, id)
     }
 
     fn read_record(&self, id: &str) -> io::Result<Record> {
@@ -353,28 +404,6 @@ impl Inner {
         Ok(live)
     }
 
-    fn tag_blocking(
-        &self,
-        id: &InstanceId,
-        tags: &[(String, String)],
-    ) -> Result<(), ProviderError> {
-        use std::io::Write;
-        if !self.record_path(id.as_str()).exists() {
-            return Err(ProviderError::NotFound(id.clone()));
-        }
-        let map: BTreeMap<&str, &str> =
-            tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut line = serde_json::to_vec(&map)
-            .map_err(|e| ProviderError::Other(format!("cannot encode tags of {id}: {e}")))?;
-        line.push(b'\n');
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.tags_path(id.as_str()))
-            .and_then(|mut file| file.write_all(&line))
-            .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
-    }
-
     fn forget(&self, id: &str) {
         if let Ok(record) = self.read_record(id) {
             self.lock_ports().remove(&record.port);
@@ -435,11 +464,13 @@ impl Provider for ProcessProvider {
         id: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), ProviderError> {
-        // A read and an atomic rewrite of a small file: off the async workers.
-        let (this, id, tags) = (self.clone(), id.clone(), tags.to_vec());
-        tokio::task::spawn_blocking(move || this.tag_blocking(&id, &tags))
-            .await
-            .map_err(|e| ProviderError::Other(format!("tag task failed: {e}")))?
+        // A small append, off the async workers, by the one tag writer.
+        let stopped = || ProviderError::Other("the tag writer has stopped".into());
+        let (done, reply) = tokio::sync::oneshot::channel();
+        self.tagger
+            .send((id.clone(), tags.to_vec(), done))
+            .map_err(|_| stopped())?;
+        reply.await.map_err(|_| stopped())?
     }
 
     /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
