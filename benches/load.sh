@@ -18,6 +18,7 @@
 #   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
 #   PARTS=instr INSTR_REPORT=/tmp/instr.txt benches/load.sh   # instructions per request, by function
 #   BENCH_AUTH=none PARTS=http benches/load.sh   # what the access check costs
+#   BENCH_PINGORA="work_stealing: false" benches/load.sh   # Pingora server keys for rstudio-pool
 #   PARTS=ws WS_SOCKETS=10000 WS_SECONDS=600 WS_PROXIES=rstudio-pool benches/load.sh   # the soak
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,6 +104,7 @@ API=$(port); PROXY=$(port)
 cat > "$WORK/bench.yaml" <<EOF
 version: 1
 threads: 1
+${BENCH_PINGORA:-}
 grace_period_seconds: 0
 graceful_shutdown_timeout_seconds: 0
 pool:
@@ -365,14 +367,20 @@ EOF
   echo
   echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users, $ready free ready instances warm (process provider)"
   if [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
-    perf record -q -F 4999 -e cpu-clock -a -o "$WORK/perf-api.data" -- sleep 3 2>/dev/null &
+    # rstudio-pool alone, from just before the load program until it ends.
+    perf record -q -F 9999 -e cpu-clock -g -p "$API_PID" -o "$WORK/perf-api.data" 2>/dev/null &
     api_perf_pid=$!
     sleep 0.5
   fi
+  cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  ticks_before=$(cpu_ticks "$API_PID")
   "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS"
+  ticks=$(( $(cpu_ticks "$API_PID") - ticks_before ))
+  echo "rstudio-pool's CPU time over the whole load program (connection warm-up included): $(calc "$ticks * 1000 / $(getconf CLK_TCK)") ms"
   if [ -n "${api_perf_pid:-}" ]; then
+    kill -INT "$api_perf_pid" 2>/dev/null || true
     wait "$api_perf_pid" || true
-    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
-    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,symbol --stdio 2>/dev/null || true; } | head -60 >> "$PROFILE_API" || true
+    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
+    { perf report -q -i "$WORK/perf-api.data" --children --sort symbol --stdio -g none 2>/dev/null || true; } | head -120 >> "$PROFILE_API" || true
   fi
 fi

@@ -88,7 +88,16 @@ pub struct Inner {
     /// thread per write (hundreds at once, each with a fresh stack); one long-lived writer
     /// does the same small appends in turn.
     tagger: std::sync::mpsc::Sender<TagJob>,
+    /// When the last listing looked through /proc for workspaces that lost their record.
+    orphans_scanned: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a listing also looks for workspaces without a record. A record is written before
+/// its process starts, so such a process is the remains of a lost state folder or a crash:
+/// found at the first listing after a start, and within this long otherwise. Scanning every
+/// process's working directory at every reconcile round took a core's worth of time from a
+/// burst of assignments (perf, BENCHMARKS.md).
+const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(60);
 
 type TagJob = (
     InstanceId,
@@ -128,6 +137,7 @@ impl ProcessProvider {
                 children: Mutex::new(HashMap::new()),
                 ports: Mutex::new(HashSet::new()),
                 tagger,
+                orphans_scanned: Mutex::new(None),
             }),
         })
     }
@@ -354,7 +364,22 @@ impl Inner {
     fn list_blocking(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
         // Processes first, records second: a record is written before its process starts, so
         // every process seen here has its record by the time the records are read.
-        let leaders = group_leaders_under(&self.work_dir());
+        let scan = {
+            let mut last = self
+                .orphans_scanned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= ORPHAN_SCAN_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        let leaders = if scan {
+            group_leaders_under(&self.work_dir())
+        } else {
+            Vec::new()
+        };
         let dir = self.state_dir.join("instances");
         let entries = std::fs::read_dir(&dir)
             .map_err(|e| ProviderError::Other(format!("cannot read {}: {e}", dir.display())))?;

@@ -777,13 +777,17 @@ impl EdgeProxy {
         }
         headers.remove(http::header::FORWARDED);
         // Our session cookie is ours: the workspace never sees it.
-        // Nothing is copied unless our cookie is there to take out.
-        let ours = headers.get_all(http::header::COOKIE).iter().any(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|c| cookie(c, SESSION_COOKIE))
-                .is_some()
-        });
+        // Nothing is copied unless our cookie is there to take out. A request let in by its
+        // session cookie has one: no need to look again.
+        let signed_in = matches!(self.access, Access::Token { .. })
+            && matches!(destination, Some(Destination::Instance { .. }));
+        let ours = signed_in
+            || headers.get_all(http::header::COOKIE).iter().any(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|c| cookie(c, SESSION_COOKIE))
+                    .is_some()
+            });
         if ours {
             let others: Vec<http::HeaderValue> = headers
                 .get_all(http::header::COOKIE)
