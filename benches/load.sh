@@ -267,8 +267,9 @@ fi
 
 # ---- Part 1b: instructions per request (callgrind) ----
 # Wall-clock figures on two shared cores move by 10-20% from run to run; instruction counts
-# do not. Each Pingora proxy runs again under callgrind, counters zeroed once it is warm, a
-# fixed-length wrk load, then a dump: instructions per request = instructions / requests.
+# do not. Each Pingora proxy (and nginx, as one process) runs again under callgrind, counters
+# zeroed once it is warm, a fixed-length wrk load, then a dump: instructions per request =
+# instructions / requests. User-space instructions only: the kernel's TCP work is not counted.
 if [[ " $PARTS " == *" instr "* ]]; then
   IAPI=$(port); IPROXY=$(port); IBARE=$(port)
   sed -e "s#127.0.0.1:$API#127.0.0.1:$IAPI#; s#127.0.0.1:$PROXY#127.0.0.1:$IPROXY#; s#state_dir: $WORK/state#state_dir: $WORK/state-instr#" \
@@ -279,7 +280,15 @@ if [[ " $PARTS " == *" instr "* ]]; then
   valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-bare-pingora.out" \
     "$BIN/examples/bare_proxy" "127.0.0.1:$IBARE" "$UP" 1 > "$WORK/instr-bare.log" 2>&1 &
   ICG_BARE=$!; PIDS+=("$ICG_BARE")
-  for p in $IAPI $IPROXY $IBARE; do
+  INGX=$(port)
+  mkdir -p "$WORK/nginx-instr"
+  # The same nginx configuration, one process (no master), on a port of its own.
+  sed -e "s#listen 127.0.0.1:$NGX;#listen 127.0.0.1:$INGX;#; s#pid $WORK/nginx/nginx.pid;#pid $WORK/nginx-instr/nginx.pid;\nmaster_process off;#; s#$WORK/nginx;#$WORK/nginx-instr;#g" \
+    "$WORK/nginx/nginx.conf" > "$WORK/nginx-instr/nginx.conf"
+  valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-nginx.out" \
+    "$NGINX" -p "$WORK/nginx-instr" -c "$WORK/nginx-instr/nginx.conf" > "$WORK/instr-nginx.log" 2>&1 &
+  ICG_NGX=$!; PIDS+=("$ICG_NGX")
+  for p in $IAPI $IPROXY $IBARE $INGX; do
     for _ in $(seq 1 10); do wait_port "$p" 2>/dev/null && break; done
   done
   read -r IID _ ICOOKIE < <(COMMAND_PORT=$IAPI register bench-instr bench)
@@ -288,8 +297,9 @@ if [[ " $PARTS " == *" instr "* ]]; then
   printf '| %-14s | %9s | %16s | %12s |\n' proxy requests "instructions/req" "vs bare"
   printf '|%s|%s|%s|%s|\n' ---------------- ----------- ------------------ --------------
   declare -A IR
-  for name in bare-pingora rstudio-pool; do
+  for name in bare-pingora rstudio-pool nginx; do
     case $name in
+      nginx) pid=$ICG_NGX; url="http://127.0.0.1:$INGX/$ID/"; header="X-Bench: 1" ;;
       rstudio-pool) pid=$ICG_POOL; url="http://127.0.0.1:$IPROXY/$IID/"; header="Cookie: $ICOOKIE" ;;
       bare-pingora) pid=$ICG_BARE; url="http://127.0.0.1:$IBARE/$ID/"; header="X-Bench: 1" ;;
     esac
@@ -308,7 +318,7 @@ if [[ " $PARTS " == *" instr "* ]]; then
         callgrind_annotate "$dump" 2>/dev/null | head -80 || true; } >> "$INSTR_REPORT"
     fi
   done
-  kill "$ICG_POOL" "$ICG_BARE" 2>/dev/null || true
+  kill "$ICG_POOL" "$ICG_BARE" "$ICG_NGX" 2>/dev/null || true
 fi
 
 # ---- Part 2: WebSockets ----
