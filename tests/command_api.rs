@@ -394,7 +394,9 @@ async fn a_workspace_that_never_gets_ready_is_replaced() {
         min_free: 1,
         max: 2,
         ready_timeout_seconds: 1,
-        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sleep\", \"600\"]\n".into(),
+        // `sleep` never binds its port, so another test's workspace may be given the same
+        // port meanwhile; a probe path nothing serves keeps that one from passing for it.
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sleep\", \"600\"]\n    readiness_path: /served-by-no-workspace\n".into(),
         ..Options::default()
     })
     .await;
