@@ -20,10 +20,10 @@ use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
 use rstudio_pool::service::api::CommandApi;
 use rstudio_pool::service::background::Reconciler;
+use rstudio_pool::service::edge::Edge;
 use rstudio_pool::service::links::UserLinks;
 use rstudio_pool::service::manager::PoolManager;
 use rstudio_pool::service::proxy::EdgeProxy;
-use rstudio_pool::service::tunnel::Edge;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -20,12 +20,20 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 
 /// A `Cookie` header value without cookie `name`; `None` when nothing is left.
 pub fn without_cookie(header: &str, name: &str) -> Option<String> {
-    let kept: Vec<&str> = header
+    let mut kept = String::new();
+    for pair in header
         .split(';')
         .map(str::trim)
         .filter(|pair| !pair.is_empty() && pair.split_once('=').map(|(k, _)| k) != Some(name))
-        .collect();
-    (!kept.is_empty()).then(|| kept.join("; "))
+    {
+        if kept.is_empty() {
+            kept.reserve(header.len());
+        } else {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
+    (!kept.is_empty()).then_some(kept)
 }
 
 /// Whether a query carries a link token (which [`take_link_param`] would take), without

@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod background;
+pub mod edge;
+pub mod forward;
 pub mod links;
 pub mod manager;
 pub mod probe;

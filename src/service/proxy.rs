@@ -178,7 +178,28 @@ fn escape_html(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A small HTML page for the answers the proxy gives itself. Never names an internal address.
+/// The body of a page the proxy answers with itself. Never names an internal address.
+pub(super) fn page_html(title: &str, message: &str, refresh_seconds: Option<u32>) -> String {
+    let refresh = refresh_seconds
+        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
+        .unwrap_or_default();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{title}</title>\
+         <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;color:#333}}</style>\
+         </head><body><h1>{title}</h1><p>{message}</p></body></html>\n"
+    )
+}
+
+/// The page for a workspace that did not answer in time.
+pub(super) const TIMED_OUT: (&str, &str) = (
+    "Workspace timed out",
+    "Your workspace did not answer in time. Reload the page to try again.",
+);
+
+/// The page for a workspace that broke off or never answered.
+pub(super) const UNREACHABLE: (&str, &str) = ("Workspace unreachable", "Your workspace is not answering right now. Reload the page in a moment; if it persists, ask the application for a new workspace.");
+
+/// A small HTML page for the answers the proxy gives itself.
 async fn page(
     session: &mut Session,
     status: u16,
@@ -186,14 +207,7 @@ async fn page(
     message: &str,
     refresh_seconds: Option<u32>,
 ) -> Result<bool> {
-    let refresh = refresh_seconds
-        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
-        .unwrap_or_default();
-    let body = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{title}</title>\
-         <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;color:#333}}</style>\
-         </head><body><h1>{title}</h1><p>{message}</p></body></html>\n"
-    );
+    let body = page_html(title, message, refresh_seconds);
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header("content-type", "text/html; charset=utf-8")?;
     header.insert_header("content-length", body.len().to_string())?;
@@ -335,9 +349,9 @@ impl EdgeProxy {
     /// Whether the request may go to the instance as it is: the owner, plainly signed in.
     /// Pure (no answer written), so the WebSocket tunnel asks the same question. A request
     /// carrying a link is never "as it is": the link is exchanged first.
-    pub(super) fn allowed(
+    pub(super) fn allowed<H: Head + ?Sized>(
         &self,
-        req: &RequestHeader,
+        req: &H,
         client_ip: Option<IpAddr>,
         id: &InstanceId,
         owner: Option<&str>,
@@ -351,9 +365,7 @@ impl EdgeProxy {
             } => {
                 client_ip.is_some_and(|ip| trusted_networks.iter().any(|n| n.contains(ip)))
                     && req
-                        .headers
-                        .get(header.as_str())
-                        .and_then(|v| v.to_str().ok())
+                        .header(header.as_str())
                         .is_some_and(|user| Some(user) == owner)
             }
             Access::Token {
@@ -363,12 +375,7 @@ impl EdgeProxy {
                     return false;
                 }
                 let now = now_ms();
-                let presented = req
-                    .headers
-                    .get_all(http::header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(|h| cookie(h, SESSION_COOKIE));
+                let presented = req.cookie(SESSION_COOKIE);
                 let claims = presented.and_then(|token| match sessions.get(token) {
                     Some(claims) => Some(claims),
                     None => {
@@ -497,32 +504,147 @@ const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-for
 const X_FORWARDED_PORT: http::HeaderName = http::HeaderName::from_static("x-forwarded-port");
 const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
 
-/// An address as a header value, IPv4 formatted by hand (`Display` costs more than the
-/// rest of the header's handling).
-fn ip_header(ip: IpAddr) -> http::HeaderValue {
-    let IpAddr::V4(v4) = ip else {
-        return http::HeaderValue::from_str(&ip.to_string())
-            .unwrap_or(http::HeaderValue::from_static("unknown"));
+/// The headers the workspace gets from us rather than from the client, for one request:
+/// the forwarding headers, its `Host` and root path, and cookies without our session.
+/// Pingora's path ([`EdgeProxy::rewrite_request`]) and the edge's own
+/// ([`super::forward`]) both apply it, so a workspace sees the same request either way.
+pub(super) struct Forwarding<'a> {
+    /// The client's `Host`, for `X-Forwarded-Host` and `X-Forwarded-Port`.
+    host: Option<&'a [u8]>,
+    /// The `Host` the workspace gets instead, when it is replaced.
+    set_host: Option<&'a [u8]>,
+    /// The root-path header, under path routing.
+    root: Option<(&'a http::HeaderName, &'a [u8])>,
+    ip: Option<IpAddr>,
+    https: bool,
+    /// Whether `Cookie` headers lose our session cookie (see [`Self::cookie`]).
+    pub strip_cookie: bool,
+}
+
+impl Forwarding<'_> {
+    /// Whether the client's header `name` is left out: ours to set (what a client claims
+    /// about forwarding or RStudio's root is never passed on), or replaced.
+    pub fn drops(&self, name: &str) -> bool {
+        let starts = |prefix: &str| {
+            name.len() >= prefix.len()
+                && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+        };
+        starts("x-forwarded-")
+            || starts("x-rstudio-")
+            || name.eq_ignore_ascii_case("forwarded")
+            || (self.set_host.is_some() && name.eq_ignore_ascii_case("host"))
+            || self
+                .root
+                .is_some_and(|(root, _)| name.eq_ignore_ascii_case(root.as_str()))
+    }
+
+    /// A `Cookie` header as the workspace gets it when [`Self::strip_cookie`]: without our
+    /// session cookie; `None` drops the header (nothing left, or not text).
+    pub fn cookie(&self, value: &[u8]) -> Option<String> {
+        text(value).and_then(|c| without_cookie(c, SESSION_COOKIE))
+    }
+
+    /// Each header we set, in order.
+    pub fn each(&self, mut set: impl FnMut(&http::HeaderName, &[u8])) {
+        if let Some(host) = self.set_host {
+            set(&http::header::HOST, host);
+        }
+        if let Some((name, value)) = self.root {
+            set(name, value);
+        }
+        if let Some(ip) = self.ip {
+            let mut buf = [0u8; 48];
+            set(&X_FORWARDED_FOR, ip_text(ip, &mut buf));
+        }
+        let proto = if self.https { "https" } else { "http" };
+        set(&X_FORWARDED_PROTO, proto.as_bytes());
+        if let Some(host) = self.host {
+            let port = forwarded_port(std::str::from_utf8(host).unwrap_or_default(), self.https);
+            set(&X_FORWARDED_PORT, port.as_bytes());
+            set(&X_FORWARDED_HOST, host);
+        }
+    }
+}
+
+/// A header value as text, read as `HeaderValue::to_str` reads it: visible ASCII and tabs.
+pub(super) fn text(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
+}
+
+/// An address as header text, IPv4 formatted by hand (`Display` costs more than the rest
+/// of the header's handling).
+fn ip_text(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    let v4 = match ip {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cursor, "{v6}");
+            let len = cursor.position() as usize;
+            return &buf[..len];
+        }
     };
-    let mut text = [0u8; 15];
     let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            text[len] = b'.';
+            buf[len] = b'.';
             len += 1;
         }
         if octet >= 100 {
-            text[len] = b'0' + octet / 100;
+            buf[len] = b'0' + octet / 100;
             len += 1;
         }
         if octet >= 10 {
-            text[len] = b'0' + octet / 10 % 10;
+            buf[len] = b'0' + octet / 10 % 10;
             len += 1;
         }
-        text[len] = b'0' + octet % 10;
+        buf[len] = b'0' + octet % 10;
         len += 1;
     }
-    http::HeaderValue::from_bytes(&text[..len]).unwrap_or(http::HeaderValue::from_static("unknown"))
+    &buf[..len]
+}
+
+/// What the proxy's decisions read from a request head. Pingora's `RequestHeader` and the
+/// edge's own parse ([`super::forward`]) both give it, so both paths decide alike.
+pub(super) trait Head {
+    /// The request target as sent.
+    fn target(&self) -> &[u8];
+    fn path(&self) -> &str;
+    fn query(&self) -> Option<&str>;
+    /// The first `name` header, as [`text`].
+    fn header(&self, name: &str) -> Option<&str>;
+    /// Cookie `name`, from the first `Cookie` header that has it.
+    fn cookie(&self, name: &str) -> Option<&str>;
+}
+
+impl Head for RequestHeader {
+    fn target(&self) -> &[u8] {
+        self.raw_path()
+    }
+
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.uri.query()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| text(v.as_bytes()))
+    }
+
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| text(v.as_bytes()))
+            .find_map(|h| cookie(h, name))
+    }
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -558,19 +680,19 @@ impl EdgeProxy {
     /// request for a ready instance that the requester may reach. `None` sends the request
     /// down [`Self::answer`], which answers every other case. The WebSocket tunnel asks the
     /// same question, so both paths let in exactly the same requests.
-    pub(super) fn admit(
+    pub(super) fn admit<H: Head + ?Sized>(
         &self,
-        req: &RequestHeader,
+        req: &H,
         client_ip: Option<IpAddr>,
         upgrade: bool,
     ) -> Option<Destination> {
         // Checked on the target as sent: the parsed URI may already have resolved `..`.
-        let raw = std::str::from_utf8(req.raw_path()).ok()?;
+        let raw = std::str::from_utf8(req.target()).ok()?;
         if has_dot_segment(raw.split('?').next().unwrap_or_default()) {
             return None;
         }
-        let full_path = req.uri.path();
-        let query = req.uri.query();
+        let full_path = req.path();
+        let query = req.query();
         let (id, rest, prefixed) = match self.host_routed(req) {
             Some(id) => (id, full_path, false),
             None => match parse(full_path) {
@@ -589,10 +711,9 @@ impl EdgeProxy {
     }
 
     /// The instance a `Host` names, when routing by host is on.
-    fn host_routed<'a>(&self, req: &'a RequestHeader) -> Option<&'a str> {
+    fn host_routed<'a, H: Head + ?Sized>(&self, req: &'a H) -> Option<&'a str> {
         let domain = self.config.host_domain.as_deref()?;
-        let host = req.headers.get(http::header::HOST)?.to_str().ok()?;
-        host_instance(host, domain)
+        host_instance(req.header("host")?, domain)
     }
 
     /// Sends an admitted request on its way.
@@ -726,11 +847,13 @@ impl EdgeProxy {
 
     /// The request as the workspace receives it: its path, its `Host`, our forwarding
     /// headers in place of whatever the client claimed, and without our session cookie.
+    /// This is Pingora's path (and the WebSocket tunnel's); [`super::forward`] writes the same
+    /// request from its own parse, through the same [`Forwarding`] plan.
     ///
     /// Edited as plain `http` parts, not through `RequestHeader`'s setters: those parse every
     /// name again and keep a second map of header-name case, which cost more instructions
     /// than all the rest of our hooks (callgrind, BENCHMARKS.md). The workspace receives
-    /// lower-case header names, as over HTTP/2; names are case-insensitive in HTTP/1.1.
+    /// lower-case header names from this path; names are case-insensitive in HTTP/1.1.
     pub(super) fn rewrite_request(
         &self,
         request: &mut RequestHeader,
@@ -746,14 +869,6 @@ impl EdgeProxy {
             })?),
             _ => None,
         };
-        let default_host = match destination {
-            Some(Destination::Default(default)) => Some(
-                http::HeaderValue::from_str(&default.host_header).map_err(|_| {
-                    Error::explain(ErrorType::InvalidHTTPHeader, "DEFAULT_URL's host")
-                })?,
-            ),
-            _ => None,
-        };
         let end_stream = request.send_end_stream();
         // Taken out by value (an empty header stands in until the edited one is put back):
         // cloning the parts instead cost 1.2k instructions more (callgrind).
@@ -763,91 +878,99 @@ impl EdgeProxy {
         )
         .into();
         let headers = &mut parts.headers;
-        headers.reserve(6);
         let host = headers.get(http::header::HOST).cloned();
-        // What the client claims about forwarding or RStudio's root is never passed on: we
-        // set our own below.
-        let spoofable: Vec<http::HeaderName> = headers
-            .keys()
-            .filter(|k| {
-                k.as_str().starts_with("x-forwarded-") || k.as_str().starts_with("x-rstudio-")
-            })
-            .cloned()
-            .collect();
-        for name in spoofable {
-            headers.remove(name);
-        }
-        headers.remove(http::header::FORWARDED);
-        // Our session cookie is ours: the workspace never sees it.
-        // Nothing is copied unless our cookie is there to take out. A request let in by its
-        // session cookie has one: no need to look again.
-        let signed_in = matches!(self.access, Access::Token { .. })
-            && matches!(destination, Some(Destination::Instance { .. }));
-        let ours = signed_in
-            || headers.get_all(http::header::COOKIE).iter().any(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|c| cookie(c, SESSION_COOKIE))
-                    .is_some()
-            });
-        if ours {
-            let others: Vec<http::HeaderValue> = headers
+        let plan = self.forwarding(
+            host.as_ref().map(http::HeaderValue::as_bytes),
+            client_ip,
+            destination,
+            headers
                 .get_all(http::header::COOKIE)
                 .iter()
-                .filter_map(|v| {
-                    v.to_str()
-                        .ok()
-                        .and_then(|c| without_cookie(c, SESSION_COOKIE))
-                        .and_then(|c| http::HeaderValue::from_str(&c).ok())
-                })
+                .map(http::HeaderValue::as_bytes),
+        );
+        let replaced: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|k| plan.drops(k.as_str()))
+            .cloned()
+            .collect();
+        for name in replaced {
+            headers.remove(name);
+        }
+        if plan.strip_cookie {
+            let kept: Vec<http::HeaderValue> = headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| plan.cookie(v.as_bytes()))
+                .filter_map(|c| http::HeaderValue::from_bytes(c.as_bytes()).ok())
                 .collect();
             headers.remove(http::header::COOKIE);
-            for value in others {
+            for value in kept {
                 headers.append(http::header::COOKIE, value);
             }
         }
+        let mut invalid = false;
+        headers.reserve(6);
+        plan.each(|name, value| match http::HeaderValue::from_bytes(value) {
+            Ok(value) => {
+                headers.append(name.clone(), value);
+            }
+            Err(_) => invalid = true,
+        });
+        if invalid {
+            return Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                "a forwarding header (DEFAULT_URL's host?) is not a valid header value",
+            );
+        }
         if let Some(uri) = uri {
             parts.uri = uri;
-        }
-        let headers = &mut parts.headers;
-        match destination {
-            Some(Destination::Instance {
-                upstream, prefixed, ..
-            }) => {
-                if let Some(host) = &upstream.host_header {
-                    headers.insert(http::header::HOST, host.clone());
-                }
-                if let (Some((name, value)), true) = (&upstream.root_path, *prefixed) {
-                    headers.insert(name.clone(), value.clone());
-                }
-            }
-            Some(Destination::Default(_)) => {
-                if let Some(value) = default_host {
-                    headers.insert(http::header::HOST, value);
-                }
-            }
-            None => {}
-        }
-        if let Some(ip) = client_ip {
-            headers.insert(X_FORWARDED_FOR, ip_header(ip));
-        }
-        let proto = if self.https { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, http::HeaderValue::from_static(proto));
-        if let Some(host) = host.filter(|h| !h.is_empty()) {
-            let port = match forwarded_port(host.to_str().unwrap_or_default(), self.https) {
-                "80" => http::HeaderValue::from_static("80"),
-                "443" => http::HeaderValue::from_static("443"),
-                port => http::HeaderValue::from_str(port)
-                    .unwrap_or(http::HeaderValue::from_static("80")),
-            };
-            headers.insert(X_FORWARDED_PORT, port);
-            headers.insert(X_FORWARDED_HOST, host);
         }
         *request = RequestHeader::from(parts);
         if let Some(end_stream) = end_stream {
             request.set_send_end_stream(end_stream);
         }
         Ok(())
+    }
+
+    /// What the workspace gets from us rather than from the client, for one request.
+    /// `host` is the client's `Host`; `cookies` its `Cookie` headers.
+    pub(super) fn forwarding<'a, 'c>(
+        &'a self,
+        host: Option<&'a [u8]>,
+        client_ip: Option<IpAddr>,
+        destination: Option<&'a Destination>,
+        mut cookies: impl Iterator<Item = &'c [u8]>,
+    ) -> Forwarding<'a> {
+        let (set_host, root) = match destination {
+            Some(Destination::Instance {
+                upstream, prefixed, ..
+            }) => (
+                upstream
+                    .host_header
+                    .as_ref()
+                    .map(http::HeaderValue::as_bytes),
+                upstream
+                    .root_path
+                    .as_ref()
+                    .filter(|_| *prefixed)
+                    .map(|(name, value)| (name, value.as_bytes())),
+            ),
+            Some(Destination::Default(default)) => (Some(default.host_header.as_bytes()), None),
+            None => (None, None),
+        };
+        // A request let in by its session cookie has one: no need to look for it.
+        let signed_in = matches!(self.access, Access::Token { .. })
+            && matches!(destination, Some(Destination::Instance { .. }));
+        let strip_cookie =
+            signed_in || cookies.any(|v| text(v).and_then(|c| cookie(c, SESSION_COOKIE)).is_some());
+        Forwarding {
+            host: host.filter(|h| !h.is_empty()),
+            set_host,
+            root,
+            ip: client_ip,
+            https: self.https,
+            strip_cookie,
+        }
     }
 
     /// The workspace's answer as the user receives it: redirects and cookies brought back
@@ -1007,14 +1130,7 @@ impl ProxyHttp for EdgeProxy {
         };
         if code > 0 && session.response_written().is_none() {
             if code >= 500 {
-                let (title, message) = if code == 504 {
-                    (
-                        "Workspace timed out",
-                        "Your workspace did not answer in time. Reload the page to try again.",
-                    )
-                } else {
-                    ("Workspace unreachable", "Your workspace is not answering right now. Reload the page in a moment; if it persists, ask the application for a new workspace.")
-                };
+                let (title, message) = if code == 504 { TIMED_OUT } else { UNREACHABLE };
                 let _ = page(session, code, title, message, None).await;
             } else {
                 let _ = session.respond_error(code).await;
@@ -1042,7 +1158,7 @@ mod tests {
             "fd00::7",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_header(ip), ip.to_string().as_str());
+            assert_eq!(ip_text(ip, &mut [0; 48]), ip.to_string().as_bytes());
         }
     }
 }

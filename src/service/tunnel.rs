@@ -1,243 +1,48 @@
-//! WebSockets outside Pingora's HTTP session. The edge proxy's listener runs [`Edge`], which
-//! reads a connection's first request head itself. A WebSocket handshake that
-//! [`EdgeProxy::admit`] lets straight through (a ready instance, its owner signed in) becomes a
-//! tunnel: the handshake is rewritten by the same methods the Pingora hooks use, and after the
-//! workspace's `101` the two sockets are joined by a relay that holds no buffer while the
-//! socket is idle. Everything else, including a handshake the workspace does not answer with
-//! `101`, is put back in front of the stream and handed to Pingora, which answers it.
+//! WebSockets outside Pingora's HTTP session. When the edge ([`super::edge`]) reads a
+//! WebSocket handshake that [`EdgeProxy::admit`] lets straight through (a ready instance, its
+//! owner signed in), it becomes a tunnel: the handshake is rewritten by the same methods the
+//! Pingora hooks use, and after the workspace's `101` the two sockets are joined by a relay
+//! that holds no buffer while the socket is idle. A handshake the workspace does not answer
+//! with `101` is left to Pingora, which asks again and answers with its pages.
 //!
 //! Why: Pingora 0.9.1 keeps two 64 KiB body buffers and a retry buffer for every upgraded
 //! connection (about 60 KB of memory per idle socket, not configurable), and tears an upgraded
 //! connection down when a fast workspace answers before it has read the empty request body
-//! (cloudflare/pingora#946). Browsers open every WebSocket on a connection of its own, so the
-//! first request of a connection is where their handshakes are; a handshake later on a reused
-//! connection still works, through Pingora.
+//! (cloudflare/pingora#946).
 
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, Stream};
-use pingora_core::server::ShutdownWatch;
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::HttpProxy;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::edge::{MAX_HEAD, MAX_HEADERS};
+use super::forward::Connection;
 use super::proxy::{Destination, EdgeProxy};
 use crate::provider::process::now_ms;
 
-/// A request or response head longer than this is left to Pingora (which refuses it).
-const MAX_HEAD: usize = 64 * 1024;
-/// Headers parsed in a head; more are left to Pingora.
-const MAX_HEADERS: usize = 128;
 /// What the relay reads at once, on the stack: an idle socket holds no buffer.
 const CHUNK: usize = 16 * 1024;
 
-/// The edge proxy's connection handler: WebSocket tunnels, and Pingora for the rest.
-pub struct Edge {
-    proxy: EdgeProxy,
-    http: Arc<HttpProxy<EdgeProxy>>,
+/// A WebSocket handshake read by the edge.
+pub(super) struct Handshake {
+    pub request: Box<RequestHeader>,
+    /// The head's length in bytes.
+    len: usize,
 }
 
-impl Edge {
-    pub fn new(proxy: EdgeProxy, http: HttpProxy<EdgeProxy>) -> Self {
-        Self {
-            proxy,
-            http: Arc::new(http),
-        }
-    }
-
-    /// Looks at a connection's first request: a tunnel when it is an admitted WebSocket
-    /// handshake (`None`: the connection is finished), otherwise the stream as it came, for
-    /// Pingora.
-    async fn open(&self, stream: Stream) -> Option<Stream> {
-        // TLS or other transports: Pingora alone.
-        if !stream.as_any().is::<L4Stream>() {
-            return Some(stream);
-        }
-        let mut client: Box<L4Stream> = stream.into_any().downcast().ok()?;
-        let mut head = Vec::with_capacity(2048);
-        let first = loop {
-            if head.capacity() - head.len() < 1024 {
-                head.reserve(4096);
-            }
-            let read = client.read_buf(&mut head);
-            let n = match self.proxy.config().downstream_read_timeout {
-                Some(limit) => tokio::time::timeout(limit, read).await.ok()?.ok()?,
-                None => read.await.ok()?,
-            };
-            if n == 0 {
-                // Closed before a whole head: nothing to answer.
-                return None;
-            }
-            match first_request(&head) {
-                First::Incomplete if head.len() < MAX_HEAD => continue,
-                first => break first,
-            }
-        };
-        if let First::Upgrade { request, len } = first {
-            let client_ip = client
-                .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-            if let Some(destination) = self.proxy.admit(&request, client_ip, true) {
-                match self
-                    .tunnel(&mut client, request, head, len, destination, client_ip)
-                    .await
-                {
-                    Ok(()) => return None,
-                    Err(declined) => head = declined,
-                }
-            }
-        }
-        client.rewind(&head);
-        Some(client)
-    }
-
-    /// Carries an admitted handshake to the workspace and, on its `101`, relays the socket
-    /// until either side closes it or it has been silent for the WebSocket idle timeout.
-    /// `Err` gives the client's bytes back when the workspace could not be reached or did not
-    /// switch protocols: Pingora then does the request again and answers with its pages.
-    async fn tunnel(
-        &self,
-        client: &mut L4Stream,
-        mut request: Box<RequestHeader>,
-        head: Vec<u8>,
-        len: usize,
-        destination: Destination,
-        client_ip: Option<IpAddr>,
-    ) -> Result<(), Vec<u8>> {
-        let config = self.proxy.config();
-        let Ok(addr) = self.proxy.address(Some(&destination)).await else {
-            return Err(head);
-        };
-        let Ok(Ok(mut server)) =
-            tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(addr)).await
-        else {
-            return Err(head);
-        };
-        let _ = server.set_nodelay(true);
-        if self
-            .proxy
-            .rewrite_request(&mut request, client_ip, Some(&destination))
-            .is_err()
-        {
-            return Err(head);
-        }
-        let mut out = Vec::with_capacity(head.len() + 256);
-        write_request_head(&request, &mut out);
-        // Whatever the client sent after its head (it should wait for the 101, but may not).
-        out.extend_from_slice(&head[len..]);
-        if server.write_all(&out).await.is_err() {
-            return Err(head);
-        }
-        let answer_limit = config
-            .downstream_read_timeout
-            .unwrap_or(Duration::from_secs(60));
-        let mut answer = Vec::with_capacity(1024);
-        let (mut response, response_len) = loop {
-            if answer.capacity() - answer.len() < 512 {
-                answer.reserve(4096);
-            }
-            match tokio::time::timeout(answer_limit, server.read_buf(&mut answer)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return Err(head),
-            }
-            match response_head(&answer) {
-                Some(Some(parsed)) => break parsed,
-                Some(None) if answer.len() < MAX_HEAD => continue,
-                _ => return Err(head),
-            }
-        };
-        if response.status.as_u16() != 101
-            || self
-                .proxy
-                .rewrite_response(&mut response, Some(&destination), Some(addr))
-                .is_err()
-        {
-            return Err(head);
-        }
-        out.clear();
-        write_response_head(&response, &mut out);
-        out.extend_from_slice(&answer[response_len..]);
-        drop((head, answer, request, response));
-        let written = client.write_all(&out).await.and(client.flush().await);
-        drop(out);
-        let Destination::Instance {
-            upstream, counts, ..
-        } = destination
-        else {
-            return Ok(());
-        };
-        if written.is_err() {
-            return Ok(());
-        }
-        log::debug!("WebSocket tunnel open to {}", upstream.id);
-        if counts {
-            upstream.touch(now_ms());
-        }
-        let result = relay(client, &mut server, config.websocket_idle_timeout, || {
-            if counts {
-                upstream.touch(now_ms());
-            }
-        })
-        .await;
-        log::debug!("WebSocket tunnel to {} closed: {result:?}", upstream.id);
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ServerApp for Edge {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let mut stream = self.open(stream).await?;
-        // Pingora's own reuse loop, kept here so that only a connection's first request is
-        // read twice.
-        loop {
-            stream = self.http.process_new(stream, shutdown).await?;
-        }
-    }
-
-    async fn cleanup(&self) {
-        ServerApp::cleanup(&*self.http).await
-    }
-}
-
-/// What a connection's first bytes hold.
-enum First {
-    Incomplete,
-    /// Not a WebSocket handshake, or not one we read ourselves: Pingora's.
-    Other,
-    Upgrade {
-        request: Box<RequestHeader>,
-        /// The head's length in bytes.
-        len: usize,
-    },
-}
-
-fn first_request(buf: &[u8]) -> First {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return First::Incomplete,
-        Err(_) => return First::Other,
-    };
+/// The handshake in a parsed request head, when it is one we tunnel: `GET`, HTTP/1.1,
+/// `Upgrade: websocket` and `Connection: upgrade`.
+pub(super) fn handshake(req: &httparse::Request<'_, '_>, len: usize) -> Option<Handshake> {
     let (Some("GET"), Some(1), Some(path)) = (req.method, req.version, req.path) else {
-        return First::Other;
+        return None;
     };
     let has = |name: &str, token: &str| {
         req.headers.iter().any(|h| {
@@ -247,26 +52,119 @@ fn first_request(buf: &[u8]) -> First {
         })
     };
     if !has("upgrade", "websocket") || !has("connection", "upgrade") {
-        return First::Other;
+        return None;
     }
-    let Ok(mut request) =
-        RequestHeader::build_no_case("GET", path.as_bytes(), Some(req.headers.len()))
-    else {
-        return First::Other;
-    };
+    let mut request =
+        RequestHeader::build_no_case("GET", path.as_bytes(), Some(req.headers.len())).ok()?;
     for h in req.headers.iter() {
-        if request.append_header(h.name.to_owned(), h.value).is_err() {
-            return First::Other;
-        }
+        request.append_header(h.name.to_owned(), h.value).ok()?;
     }
-    First::Upgrade {
+    Some(Handshake {
         request: Box::new(request),
         len,
+    })
+}
+
+/// Carries an admitted handshake to the workspace and, on its `101`, relays the socket until
+/// either side closes it or it has been silent for the WebSocket idle timeout. `true`: the
+/// connection is finished. `false` leaves the client's bytes in place when the workspace
+/// could not be reached or did not switch protocols: Pingora then does the request again and
+/// answers with its pages.
+pub(super) async fn tunnel(
+    proxy: &EdgeProxy,
+    conn: &mut Connection,
+    handshake: Handshake,
+    destination: Destination,
+) -> bool {
+    let config = proxy.config();
+    let client_ip = conn.client_ip;
+    let Some((client, head)) = conn.tunnel_parts() else {
+        return true;
+    };
+    let Handshake { mut request, len } = handshake;
+    let Ok(addr) = proxy.address(Some(&destination)).await else {
+        return false;
+    };
+    let Ok(Ok(mut server)) =
+        tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let _ = server.set_nodelay(true);
+    if proxy
+        .rewrite_request(&mut request, client_ip, Some(&destination))
+        .is_err()
+    {
+        return false;
     }
+    let mut out = Vec::with_capacity(head.len() + 256);
+    write_request_head(&request, &mut out);
+    // Whatever the client sent after its head (it should wait for the 101, but may not).
+    out.extend_from_slice(&head[len..]);
+    if server.write_all(&out).await.is_err() {
+        return false;
+    }
+    let answer_limit = config
+        .downstream_read_timeout
+        .unwrap_or(Duration::from_secs(60));
+    let mut answer = Vec::with_capacity(1024);
+    let (mut response, response_len) = loop {
+        if answer.capacity() - answer.len() < 512 {
+            answer.reserve(4096);
+        }
+        match tokio::time::timeout(answer_limit, server.read_buf(&mut answer)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return false,
+        }
+        match response_head(&answer) {
+            Some(Some(parsed)) => break parsed,
+            Some(None) if answer.len() < MAX_HEAD => continue,
+            _ => return false,
+        }
+    };
+    if response.status.as_u16() != 101
+        || proxy
+            .rewrite_response(&mut response, Some(&destination), Some(addr))
+            .is_err()
+    {
+        return false;
+    }
+    out.clear();
+    write_response_head(&response, &mut out);
+    out.extend_from_slice(&answer[response_len..]);
+    drop((answer, request, response));
+    let written = client.write_all(&out).await.and(client.flush().await);
+    drop(out);
+    // The connection's buffers are not needed again: an open socket holds none.
+    conn.shrink();
+    let Some((client, _)) = conn.tunnel_parts() else {
+        return true;
+    };
+    let Destination::Instance {
+        upstream, counts, ..
+    } = destination
+    else {
+        return true;
+    };
+    if written.is_err() {
+        return true;
+    }
+    log::debug!("WebSocket tunnel open to {}", upstream.id);
+    if counts {
+        upstream.touch(now_ms());
+    }
+    let result = relay(client, &mut server, config.websocket_idle_timeout, || {
+        if counts {
+            upstream.touch(now_ms());
+        }
+    })
+    .await;
+    log::debug!("WebSocket tunnel to {} closed: {result:?}", upstream.id);
+    true
 }
 
 /// The workspace's response head: `None` when it is not HTTP, `Some(None)` when incomplete.
-fn response_head(buf: &[u8]) -> Option<Option<(ResponseHeader, usize)>> {
+pub(super) fn response_head(buf: &[u8]) -> Option<Option<(ResponseHeader, usize)>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
     let len = match res.parse(buf).ok()? {
@@ -289,7 +187,7 @@ fn write_request_head(request: &RequestHeader, out: &mut Vec<u8>) {
     write_headers(&request.headers, out);
 }
 
-fn write_response_head(response: &ResponseHeader, out: &mut Vec<u8>) {
+pub(super) fn write_response_head(response: &ResponseHeader, out: &mut Vec<u8>) {
     let status = response.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -426,10 +324,19 @@ impl Pump {
 mod tests {
     use super::*;
 
+    fn parse(buf: &[u8]) -> Option<Option<Handshake>> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => Some(handshake(&req, len)),
+            _ => None,
+        }
+    }
+
     #[test]
     fn only_websocket_handshakes_are_taken() {
         let ws = b"GET /i-0123456789abcdef0/ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\n\r\n\x81\x00";
-        let First::Upgrade { request, len } = first_request(ws) else {
+        let Some(Some(Handshake { request, len })) = parse(ws) else {
             panic!("a handshake");
         };
         assert_eq!(len, ws.len() - 2);
@@ -440,16 +347,14 @@ mod tests {
         assert!(out.starts_with(b"GET /i-0123456789abcdef0/ws?x=1 HTTP/1.1\r\n"));
         assert!(out.ends_with(b"sec-websocket-key: k\r\n\r\n"));
 
-        assert!(matches!(first_request(&ws[..30]), First::Incomplete));
         for other in [
             &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
             b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
             b"POST /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
             b"GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
-            b"\x16\x03\x01\x02\x00\x01",
         ] {
-            assert!(matches!(first_request(other), First::Other));
+            assert!(matches!(parse(other), Some(None)));
         }
     }
 
