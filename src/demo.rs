@@ -9,19 +9,26 @@
 //!   of the prefix would, and `GET /redirect-root` to `/landed`;
 //! - `POST /events/get_events` long-polls, answering after a while with nothing new;
 //! - `POST /upload` streams the body and answers its size;
-//! - `GET /headers` (and any `GET /echo/...`) echoes the request line and headers it received
+//! - `GET /headers` (and any `GET /echo/...`; `HEAD` too) echoes the request line and headers it received
 //!   as JSON;
 //! - `GET /ws` is a WebSocket echo; the message `?headers` is answered with the handshake's
-//!   headers as the workspace received them, as JSON.
+//!   headers as the workspace received them, as JSON;
+//! - `GET /stream?chunks=N&size=S` answers N pieces of S bytes, each sent on its own
+//!   (chunked encoding), as a workspace streaming output does;
+//! - `GET /connections` counts the HTTP connections accepted and closed so far, and
+//!   `POST /close-idle` closes every connection as soon as it is idle, as a workspace whose
+//!   keep-alive timeout ran out would. The tests use these to see a proxy's kept connections.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -58,24 +65,54 @@ pub async fn run(options: DemoOptions) -> std::io::Result<()> {
         options.instance_id,
         listener.local_addr()?
     );
-    let options = Arc::new(options);
+    let shared = Arc::new(Shared {
+        options,
+        accepted: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        close_idle: tokio::sync::watch::channel(0).0,
+    });
     loop {
         let (stream, _) = listener.accept().await?;
-        let options = Arc::clone(&options);
+        let shared = Arc::clone(&shared);
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, Arc::clone(&options)));
-            let _ = http1::Builder::new()
+            let mut close_idle = shared.close_idle.subscribe();
+            let handler = Arc::clone(&shared);
+            let service = service_fn(move |req| handle(req, Arc::clone(&handler)));
+            let connection = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::pin!(connection);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => break,
+                    changed = close_idle.changed(), if !closing => {
+                        closing = changed.is_ok();
+                        if closing {
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+            shared.closed.fetch_add(1, Ordering::SeqCst);
         });
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+/// What the workspace's connections share.
+struct Shared {
+    options: DemoOptions,
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    /// Bumped by `POST /close-idle`.
+    close_idle: tokio::sync::watch::Sender<u64>,
+}
+
+type Reply = Response<BoxBody<Bytes, Infallible>>;
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Full::new(body.into()).boxed());
     *response.status_mut() = status;
     if let Ok(v) = content_type.parse() {
         response.headers_mut().insert(http::header::CONTENT_TYPE, v);
@@ -91,10 +128,8 @@ fn redirect(location: &str) -> Reply {
     response
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    options: Arc<DemoOptions>,
-) -> Result<Reply, Infallible> {
+async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply, Infallible> {
+    let options = &shared.options;
     let root = req
         .headers()
         .get("x-rstudio-root-path")
@@ -161,7 +196,7 @@ async fn handle(
                 format!("{{\"bytes\":{bytes}}}"),
             )
         }
-        ("GET", p) if p == "/headers" || p.starts_with("/echo/") => {
+        ("GET" | "HEAD", p) if p == "/headers" || p.starts_with("/echo/") => {
             let body = serde_json::json!({
                 "method": method.as_str(),
                 "uri": req.uri().to_string(),
@@ -171,6 +206,42 @@ async fn handle(
             reply(StatusCode::OK, "application/json", body.to_string())
         }
         ("GET", "/ws") => upgrade(&mut req),
+        ("GET", "/stream") => {
+            let param = |name: &str| {
+                req.uri()
+                    .query()
+                    .unwrap_or_default()
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(1)
+            };
+            let (chunks, size) = (param("chunks").min(10_000), param("size").min(1 << 20));
+            let pieces = futures_util::stream::iter(0..chunks).then(move |i| async move {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let piece = Bytes::from(vec![b'a' + (i % 26) as u8; size]);
+                Ok::<_, Infallible>(hyper::body::Frame::data(piece))
+            });
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(pieces)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        ("GET", "/connections") => {
+            let body = serde_json::json!({
+                "accepted": shared.accepted.load(Ordering::SeqCst),
+                "closed": shared.closed.load(Ordering::SeqCst),
+            });
+            reply(StatusCode::OK, "application/json", body.to_string())
+        }
+        ("POST", "/close-idle") => {
+            shared.close_idle.send_modify(|n| *n += 1);
+            reply(StatusCode::OK, "text/plain", "closing idle connections\n")
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
     Ok(response)

@@ -357,3 +357,258 @@ async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
         "culled early: {culled_after:?}"
     );
 }
+
+/// A bare HTTP/1.1 client on one connection: it sees exactly what the proxy writes, request
+/// after request, on a connection kept alive.
+struct Raw {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A response as read off the wire: status, headers (names in lower case), decoded body.
+type RawResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
+impl Raw {
+    async fn connect(server: &Server) -> Raw {
+        let stream = tokio::net::TcpStream::connect(server.proxy).await.unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes.as_ref()).await.unwrap();
+    }
+
+    /// Reads more; `false` at the end of the connection.
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("the proxy answers within 10 s")
+            .expect("the connection is open");
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "the connection ended {n} bytes short");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf.drain(..i + 2).collect()).unwrap();
+                return line.trim_end().to_owned();
+            }
+            assert!(self.fill().await, "the connection ended within a line");
+        }
+    }
+
+    /// The next response; `head_only` for the answer to a `HEAD`.
+    async fn response(&mut self, head_only: bool) -> RawResponse {
+        let status_line = self.line().await;
+        let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if head_only || status == 204 || status == 304 {
+        } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+            loop {
+                let size = usize::from_str_radix(self.line().await.split(';').next().unwrap(), 16)
+                    .unwrap();
+                if size == 0 {
+                    while !self.line().await.is_empty() {}
+                    break;
+                }
+                body.extend(self.bytes(size).await);
+                assert_eq!(self.bytes(2).await, b"\r\n");
+            }
+        } else if let Some(length) = header("content-length") {
+            body = self.bytes(length.parse().unwrap()).await;
+        } else {
+            while self.fill().await {}
+            body = std::mem::take(&mut self.buf);
+        }
+        (status, headers, body)
+    }
+}
+
+fn has(headers: &[(String, String)], name: &str, value: &str) -> bool {
+    headers.iter().any(|(n, v)| n == name && v == value)
+}
+
+#[tokio::test]
+async fn one_connection_carries_every_kind_of_request() {
+    let server = Server::start(Options {
+        extra_yaml: demo_purpose(300),
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+    let mut c = Raw::connect(&server).await;
+    let get = |path: &str| format!("GET /{id}{path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let upload = |headers: &str, body: &[u8]| {
+        let mut request =
+            format!("POST /{id}/upload HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n").into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+
+    // A plain request, its forwarding headers ours.
+    c.send(get("/headers")).await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    let echoed: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echoed["instanceId"], json!(id));
+    assert_eq!(echoed["uri"], json!("/headers"));
+    assert_eq!(echoed["headers"]["x-forwarded-host"], json!("localhost"));
+    assert_eq!(
+        echoed["headers"]["x-rstudio-root-path"],
+        json!(format!("/{id}"))
+    );
+
+    // HEAD: a length but no body; the next answer is still read from its start.
+    c.send(format!(
+        "HEAD /{id}/headers HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    ))
+    .await;
+    let (status, headers, _) = c.response(true).await;
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(n, _)| n == "content-length"));
+
+    // Bodies: a small one, one too large to hold, one in chunks.
+    c.send(upload("Content-Length: 1000\r\n", &[1; 1000])).await;
+    assert_eq!(c.response(false).await.2, br#"{"bytes":1000}"#);
+    c.send(upload("Content-Length: 300000\r\n", &[2; 300_000]))
+        .await;
+    assert_eq!(c.response(false).await.2, br#"{"bytes":300000}"#);
+    let mut chunked = b"3e8\r\n".to_vec();
+    chunked.extend_from_slice(&[3; 1000]);
+    chunked.extend_from_slice(b"\r\n5\r\nhello\r\n0\r\n\r\n");
+    c.send(upload("Transfer-Encoding: chunked\r\n", &chunked))
+        .await;
+    assert_eq!(c.response(false).await.2, br#"{"bytes":1005}"#);
+
+    // A streamed answer, in many pieces.
+    c.send(get("/stream?chunks=40&size=1000")).await;
+    let (status, headers, body) = c.response(false).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(has(&headers, "transfer-encoding", "chunked"), "{headers:?}");
+    assert_eq!(body.len(), 40_000);
+    for (i, piece) in body.chunks(1000).enumerate() {
+        assert!(
+            piece.iter().all(|&b| b == b'a' + (i % 26) as u8),
+            "piece {i}"
+        );
+    }
+
+    // Two requests in one write, answered in order; a redirect comes back under the prefix.
+    c.send(format!("{}{}", get("/redirect"), get("/nowhere")))
+        .await;
+    let (status, headers, _) = c.response(false).await;
+    assert_eq!(status, 302);
+    assert!(
+        has(&headers, "location", &format!("/{id}/landed")),
+        "{headers:?}"
+    );
+    let (status, _, body) = c.response(false).await;
+    assert_eq!((status, body.as_slice()), (404, &b"not found\n"[..]));
+
+    // The long poll answers on the same connection.
+    c.send(format!(
+        "POST /{id}/events/get_events HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{{}}"
+    ))
+    .await;
+    assert_eq!(c.response(false).await.2, br#"{"result":[]}"#);
+
+    // The proxy's own answers too, after the workspace's.
+    c.send(get("")).await;
+    let (status, headers, _) = c.response(false).await;
+    assert_eq!(status, 302);
+    assert!(has(&headers, "location", &format!("/{id}/")), "{headers:?}");
+    c.send(get("/landed")).await;
+    assert_eq!(c.response(false).await.2, b"landed\n");
+}
+
+/// The workspace's own count of its HTTP connections: (accepted, closed).
+async fn connections(address: &str) -> (u64, u64) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let counts: Value = client
+        .get(format!("http://{address}/connections"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (
+        counts["accepted"].as_u64().unwrap(),
+        counts["closed"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_kept_workspace_connection_that_closes_is_replaced_unseen() {
+    let server = Server::start(Options::default()).await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+    let address = server.upstream(&id).await;
+    let mut c = Raw::connect(&server).await;
+    let landed = format!("GET /{id}/landed HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    c.send(&landed).await;
+    assert_eq!(c.response(false).await.2, b"landed\n");
+
+    // The workspace closes every idle connection, the proxy's kept one among them; only the
+    // counting request's own stays open while it is answered.
+    let r = reqwest::Client::new()
+        .post(format!("http://{address}/close-idle"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(
+        "the workspace has closed its idle connections",
+        WAIT,
+        || {
+            let address = address.clone();
+            async move {
+                let (accepted, closed) = connections(&address).await;
+                (accepted - closed == 1).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // The client's connection still works, over a new connection to the workspace (the
+    // second count includes its own connection).
+    let (before, _) = connections(&address).await;
+    c.send(&landed).await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!((status, body.as_slice()), (200, &b"landed\n"[..]));
+    let (after, _) = connections(&address).await;
+    assert!(after >= before + 2, "accepted {before} then {after}");
+}

@@ -439,12 +439,7 @@ pub(super) fn plan(
     let (Some(method), Some(1), Some(target)) = (req.method, req.version, req.path) else {
         return None;
     };
-    // Origin-form targets only, as `http::Uri` reads them the same way (no fragment, nothing
-    // outside visible ASCII).
-    if method == "CONNECT"
-        || !target.starts_with('/')
-        || !target.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
-    {
+    if method == "CONNECT" || !plain_target(target) {
         return None;
     }
     let mut body_len = None;
@@ -520,6 +515,15 @@ pub(super) fn plan(
         head_only,
         destination,
     })
+}
+
+/// An origin-form target that `http::Uri` (and so Pingora) reads as we split it: visible
+/// ASCII without a fragment or the characters it refuses.
+fn plain_target(target: &str) -> bool {
+    target.starts_with('/')
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'#' | b'<' | b'>' | b'`' | b'"'))
 }
 
 /// A `Content-Length` value: digits only.
@@ -840,6 +844,18 @@ mod tests {
             let uri: http::Uri = target.parse().unwrap();
             assert_eq!(head.path(), uri.path(), "{target}");
             assert_eq!(head.query(), uri.query(), "{target}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Every target `plan` takes on is one Pingora would have taken too, split the same.
+        #[test]
+        fn every_target_taken_is_read_as_pingora_reads_it(target in "/[!-~]{0,40}") {
+            proptest::prop_assume!(plain_target(&target));
+            let uri: http::Uri = target.parse().expect("http::Uri takes it");
+            let head = RawHead { target: &target, headers: &[] };
+            proptest::prop_assert_eq!(head.path(), uri.path());
+            proptest::prop_assert_eq!(head.query(), uri.query());
         }
     }
 
