@@ -125,6 +125,13 @@ impl Connection {
         self.scratch = Vec::new();
     }
 
+    /// Gives every buffer back, what the client sent included: for a tunnel, once the
+    /// handshake has been passed on.
+    pub fn release(&mut self) {
+        self.input = Vec::new();
+        self.shrink();
+    }
+
     /// The client's stream and our buffers, for a WebSocket tunnel. The connection to the
     /// workspace kept for plain requests is closed: the tunnel has its own.
     pub fn tunnel_parts(&mut self) -> Option<(&mut L4Stream, &[u8])> {
@@ -153,6 +160,7 @@ impl Connection {
     pub async fn forward(&mut self, proxy: &EdgeProxy, job: Forward) -> Done {
         let config = proxy.config();
         let total = job.head_len + job.body_len;
+        self.input.reserve(total.saturating_sub(self.input.len()));
         while self.input.len() < total {
             match self.read_client(config.downstream_read_timeout).await {
                 Some(n) if n > 0 => {}

@@ -1,10 +1,10 @@
 //! Services: the pool manager and the Pingora services around it (command API, reconcile
-//! loop, edge proxy and its WebSocket tunnel).
+//! loop, edge proxy with its own forwarding and WebSocket tunnel).
 //!
-//! **Architecture invariant:** only `proxy` knows Pingora's proxy phases, and `tunnel` is the
-//! only other code that reads or writes HTTP on the edge listener (WebSocket handshakes,
-//! deciding and rewriting through `proxy`'s methods); `manager` knows no Pingora type at all,
-//! so it can be driven directly by tests.
+//! **Architecture invariant:** only `proxy` knows Pingora's proxy phases; `edge`, `forward`
+//! and `tunnel` are the only other code that reads or writes HTTP on the edge listener, and
+//! they decide and rewrite only through `proxy`'s methods; `manager` knows no Pingora type at
+//! all, so it can be driven directly by tests.
 
 pub mod api;
 pub mod background;

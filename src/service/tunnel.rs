@@ -136,7 +136,7 @@ pub(super) async fn tunnel(
     let written = client.write_all(&out).await.and(client.flush().await);
     drop(out);
     // The connection's buffers are not needed again: an open socket holds none.
-    conn.shrink();
+    conn.release();
     let Some((client, _)) = conn.tunnel_parts() else {
         return true;
     };
