@@ -7,7 +7,8 @@
 //! with the server, and a full HTTP client's own work showed up in the latencies it
 //! measured (as wrk is lean C for the HTTP part).
 //!
-//! `api_load <api url> <callers> [bearer token]`
+//! `api_load <api url> <callers> [bearer token]`; with `API_LOAD_FLOOR=1` the same burst is
+//! `GET /healthz` instead, which does no pool work: the floor of the HTTP path.
 
 use std::time::Instant;
 
@@ -73,6 +74,8 @@ async fn main() {
         .expect("an http:// url")
         .trim_end_matches('/')
         .to_owned();
+    // The floor: the same burst of calls that do no pool work (`GET /healthz`).
+    let floor = std::env::var_os("API_LOAD_FLOOR").is_some();
     let run = format!("{:08x}", rand::random::<u32>());
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(callers));
     let calls = (0..callers).map(|n| {
@@ -89,13 +92,18 @@ async fn main() {
                 .ok()?;
             response(&mut stream, &mut buf).await?;
             let body = json!({"command": "REQUEST_RSTUDIO", "payload": {"userId": user}});
-            let call = request(&authority, "/", token.as_deref(), &body.to_string());
+            let call = if floor {
+                request(&authority, "/healthz", token.as_deref(), "")
+            } else {
+                request(&authority, "/", token.as_deref(), &body.to_string())
+            };
             barrier.wait().await;
             let started = Instant::now();
             stream.write_all(&call).await.ok()?;
             let answer = response(&mut stream, &mut buf).await;
             let ms = started.elapsed().as_secs_f64() * 1000.0;
             let ready = match answer {
+                Some((200, _)) if floor => Some(true),
                 Some((200, body)) => serde_json::from_slice::<Value>(&body)
                     .ok()
                     .map(|v| v["ready"] == json!(true)),

@@ -99,11 +99,21 @@ pub struct Inner {
 /// burst of assignments (perf, BENCHMARKS.md).
 const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(60);
 
-type TagJob = (
-    InstanceId,
-    Vec<(String, String)>,
-    tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
-);
+/// Work for the tag writer thread.
+enum TagJob {
+    Append(
+        InstanceId,
+        Vec<(String, String)>,
+        tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
+    ),
+    /// A new instance's tags file, open for appending.
+    Opened(InstanceId, std::fs::File),
+    /// The instance's files are gone: close its tags file.
+    Forget(InstanceId),
+}
+
+/// Tags files the writer keeps open, so that an assignment's tags cost one `write`.
+const OPEN_TAG_FILES: usize = 512;
 
 impl ProcessProvider {
     /// Creates the provider over `state_dir`, creating its folders.
@@ -124,8 +134,17 @@ impl ProcessProvider {
         std::thread::Builder::new()
             .name("workspace tags".into())
             .spawn(move || {
-                for (id, tags, done) in jobs {
-                    let _ = done.send(append_tags(&dir, &id, &tags));
+                let mut open = HashMap::new();
+                for job in jobs {
+                    match job {
+                        TagJob::Append(id, tags, done) => {
+                            let _ = done.send(append_tags(&dir, &mut open, &id, &tags));
+                        }
+                        TagJob::Opened(id, file) => keep_open(&mut open, id, file),
+                        TagJob::Forget(id) => {
+                            open.remove(&id);
+                        }
+                    }
                 }
             })?;
         Ok(Self {
@@ -143,26 +162,56 @@ impl ProcessProvider {
     }
 }
 
-/// Appends one line of tags to an instance's tags file (made at launch, next to its record).
+/// Keeps a tags file open, closing another when too many are.
+fn keep_open(open: &mut HashMap<InstanceId, std::fs::File>, id: InstanceId, file: std::fs::File) {
+    if open.len() >= OPEN_TAG_FILES {
+        if let Some(other) = open.keys().next().cloned() {
+            open.remove(&other);
+        }
+    }
+    open.insert(id, file);
+}
+
+/// Appends one line of tags to an instance's tags file (made at launch, next to its record,
+/// and removed with it), keeping the file open in `open` for the next line.
 fn append_tags(
     state_dir: &Path,
+    open: &mut HashMap<InstanceId, std::fs::File>,
     id: &InstanceId,
     tags: &[(String, String)],
 ) -> Result<(), ProviderError> {
     use std::io::Write;
-    if !record_path(state_dir, id.as_str()).exists() {
-        return Err(ProviderError::NotFound(id.clone()));
-    }
     let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut line = serde_json::to_vec(&map)
         .map_err(|e| ProviderError::Other(format!("cannot encode tags of {id}: {e}")))?;
     line.push(b'\n');
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(tags_path(state_dir, id.as_str()))
-        .and_then(|mut file| file.write_all(&line))
-        .map_err(|e| ProviderError::Other(format!("cannot tag {id}: {e}")))
+    let failed = |e: io::Error| ProviderError::Other(format!("cannot tag {id}: {e}"));
+    if !open.contains_key(id) {
+        let path = tags_path(state_dir, id.as_str());
+        let file = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(file) => file,
+            // No tags file: no instance, unless its record is from before tags files were
+            // made at launch.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !record_path(state_dir, id.as_str()).exists() {
+                    return Err(ProviderError::NotFound(id.clone()));
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(failed)?
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        keep_open(open, id.clone(), file);
+    }
+    let file = open.get_mut(id).expect("opened above");
+    let written = file.write_all(&line);
+    if written.is_err() {
+        open.remove(id);
+    }
+    written.map_err(failed)
 }
 
 fn record_path(state_dir: &Path, id: &str) -> PathBuf {
@@ -288,12 +337,21 @@ impl Inner {
             launched_at_ms: now_ms(),
             tags,
         };
-        // The tags file is made now, at launch, so that tagging at assignment only appends:
-        // creating files in the shared folder takes its lock.
-        if let Err(e) = self
-            .write_record(&record)
-            .and_then(|()| std::fs::File::create(self.tags_path(id.as_str())).map(drop))
-        {
+        // The tags file is made now, at launch, and handed to the tag writer open, so that
+        // tagging at assignment is one `write`: creating or opening files in the shared folder
+        // takes its lock.
+        let tags_file = self.write_record(&record).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.tags_path(id.as_str()))
+        });
+        if let Ok(file) = &tags_file {
+            if let Ok(file) = file.try_clone() {
+                let _ = self.tagger.send(TagJob::Opened(id.clone(), file));
+            }
+        }
+        if let Err(e) = tags_file {
             self.lock_ports().remove(&port);
             let _ = std::fs::remove_file(self.record_path(id.as_str()));
             return Err(fail(format!("cannot write the instance record: {e}")));
@@ -437,6 +495,9 @@ impl Inner {
         let _ = std::fs::remove_file(self.record_path(id));
         let _ = std::fs::remove_file(self.tags_path(id));
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
+        if let Ok(id) = InstanceId::parse(id) {
+            let _ = self.tagger.send(TagJob::Forget(id));
+        }
     }
 
     /// The process group leader of `id`, if it still runs: from its record, or, without one,
@@ -493,7 +554,7 @@ impl Provider for ProcessProvider {
         let stopped = || ProviderError::Other("the tag writer has stopped".into());
         let (done, reply) = tokio::sync::oneshot::channel();
         self.tagger
-            .send((id.clone(), tags.to_vec(), done))
+            .send(TagJob::Append(id.clone(), tags.to_vec(), done))
             .map_err(|_| stopped())?;
         reply.await.map_err(|_| stopped())?
     }
