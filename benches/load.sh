@@ -11,7 +11,8 @@
 #   2. WebSockets: $WS_SOCKETS sockets through rstudio-pool, nginx and configurable-http-proxy
 #      to the demo workspace's echo, each sending one small message a second for $WS_SECONDS s.
 #   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
-#      ready instances warm.
+#      ready instances warm, $API_ROUNDS times (the pool refills in between), each after the
+#      same burst against GET /healthz: the floor of HTTP on these cores.
 # Prints one table per part; figures are ratios to nginx measured in the same run.
 #
 #   benches/load.sh                          # everything, about 6 minutes
@@ -30,6 +31,7 @@ ROUNDS="${ROUNDS:-2}"
 WS_SOCKETS="${WS_SOCKETS:-1000 10000}"
 WS_SECONDS="${WS_SECONDS:-30}"
 API_CALLERS="${API_CALLERS:-200}"
+API_ROUNDS="${API_ROUNDS:-3}"
 PARTS="${PARTS:-http instr ws api}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
@@ -359,7 +361,7 @@ if [[ " $PARTS " == *" api "* ]]; then
   API2=$(port); PROXY2=$(port)
   sed -e "s#127.0.0.1:$API#127.0.0.1:$API2#; s#127.0.0.1:$PROXY#127.0.0.1:$PROXY2#; s#state_dir: $WORK/state#state_dir: $WORK/state-api#" \
       -e "s#^threads: 1#threads: 2#" "$WORK/bench.yaml" > "$WORK/api.yaml"
-  python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-400}" <<'EOF'
+  python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-$(( API_CALLERS * (API_ROUNDS + 1) ))}" <<'EOF'
 import sys
 path, n = sys.argv[1], sys.argv[2]
 cap = sys.argv[3]
@@ -369,28 +371,43 @@ EOF
   RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
   API_PID=$!; PIDS+=("$API_PID")
   wait_port "$API2"
-  for _ in $(seq 1 600); do
-    ready=$(curl -sf -X POST "http://127.0.0.1:$API2/" -d '{"command":"GET_STATUS","payload":{}}' | json 'v["pools"]["rstudio"]["freeReady"]' || echo 0)
-    [ "$ready" -ge "$API_CALLERS" ] && break
-    sleep 0.5
-  done
+  free_ready() {
+    curl -sf -X POST "http://127.0.0.1:$API2/" -d '{"command":"GET_STATUS","payload":{}}' | json 'v["pools"]["rstudio"]["freeReady"]' || echo 0
+  }
   echo
-  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users, $ready free ready instances warm (process provider)"
-  if [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
-    # rstudio-pool alone, from just before the load program until it ends.
-    perf record -q -F 9999 -e cpu-clock -g -p "$API_PID" -o "$WORK/perf-api.data" 2>/dev/null &
-    api_perf_pid=$!
-    sleep 0.5
-  fi
+  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free ready instances warm (process provider), $API_ROUNDS rounds; the floor is the same burst of GET /healthz just before"
   cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-  ticks_before=$(cpu_ticks "$API_PID")
-  "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS"
-  ticks=$(( $(cpu_ticks "$API_PID") - ticks_before ))
-  echo "rstudio-pool's CPU time over the whole load program (connection warm-up included): $(calc "$ticks * 1000 / $(getconf CLK_TCK)") ms"
-  if [ -n "${api_perf_pid:-}" ]; then
-    kill -INT "$api_perf_pid" 2>/dev/null || true
-    wait "$api_perf_pid" || true
-    { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
-    { perf report -q -i "$WORK/perf-api.data" --children --sort symbol --stdio -g none 2>/dev/null || true; } | head -120 >> "$PROFILE_API" || true
-  fi
+  p99s=(); floors=()
+  for round in $(seq 1 "$API_ROUNDS"); do
+    for _ in $(seq 1 600); do
+      ready=$(free_ready)
+      [ "$ready" -ge "$API_CALLERS" ] && break
+      sleep 0.5
+    done
+    # Let the last launches settle: the burst, not the refill, is measured.
+    sleep 2
+    floor=$(API_LOAD_FLOOR=1 "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
+    sleep 0.5
+    if [ "$round" = 1 ] && [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
+      # rstudio-pool alone, from just before the load program until it ends.
+      perf record -q -F 9999 -e cpu-clock -g -p "$API_PID" -o "$WORK/perf-api.data" 2>/dev/null &
+      api_perf_pid=$!
+      sleep 0.5
+    fi
+    ticks_before=$(cpu_ticks "$API_PID")
+    result=$("$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
+    ticks=$(( $(cpu_ticks "$API_PID") - ticks_before ))
+    echo "round $round: $result; floor p99 $(echo "$floor" | json 'v["p99_ms"]') ms; rstudio-pool CPU over the load program (warm-up included): $(calc "$ticks * 1000 / $(getconf CLK_TCK)") ms"
+    p99s+=("$(echo "$result" | json 'v["p99_ms"]')")
+    floors+=("$(echo "$floor" | json 'v["p99_ms"]')")
+    if [ -n "${api_perf_pid:-}" ]; then
+      kill -INT "$api_perf_pid" 2>/dev/null || true
+      wait "$api_perf_pid" || true
+      api_perf_pid=""
+      { perf report -q -i "$WORK/perf-api.data" --no-children --sort comm,dso --stdio -g none 2>/dev/null || true; } | head -30 > "$PROFILE_API" || true
+      { perf report -q -i "$WORK/perf-api.data" --children --sort symbol --stdio -g none 2>/dev/null || true; } | head -120 >> "$PROFILE_API" || true
+    fi
+  done
+  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+  echo "assignment p99 by round: ${p99s[*]} ms; median $(median "${p99s[@]}") ms (floor median $(median "${floors[@]}") ms)"
 fi
