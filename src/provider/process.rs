@@ -61,6 +61,35 @@ struct Record {
     tags: BTreeMap<String, String>,
 }
 
+/// One instance as the state folder holds it: its record, and the tags appended since.
+#[derive(Debug, Clone)]
+struct Entry {
+    record: Record,
+    later: BTreeMap<String, String>,
+}
+
+impl Entry {
+    /// The record with every tag, later ones winning, as a reader of the files sees it.
+    fn merged(&self) -> Record {
+        let mut record = self.record.clone();
+        record
+            .tags
+            .extend(self.later.iter().map(|(k, v)| (k.clone(), v.clone())));
+        record
+    }
+}
+
+/// The state folder's instances as this process last wrote them, read once at start: only
+/// this process writes the folder while it runs, so a listing reads memory, not a file per
+/// instance (a round over 600 instances read 1,200 files). Updated after each write succeeds.
+type Mirror = Arc<Mutex<HashMap<String, Entry>>>;
+
+fn lock_mirror(
+    mirror: &Mutex<HashMap<String, Entry>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    mirror.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The provider; cheap to clone, so that its blocking parts can run on tokio's blocking pool.
 #[derive(Clone)]
 pub struct ProcessProvider {
@@ -90,6 +119,7 @@ pub struct Inner {
     tagger: std::sync::mpsc::Sender<TagJob>,
     /// When the last listing looked through /proc for workspaces that lost their record.
     orphans_scanned: Mutex<Option<std::time::Instant>>,
+    mirror: Mirror,
 }
 
 /// How often a listing also looks for workspaces without a record. A record is written before
@@ -128,8 +158,10 @@ impl ProcessProvider {
         std::fs::create_dir_all(state_dir.join("tmp"))?;
         let state_dir = state_dir.canonicalize()?;
         let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+        let mirror: Mirror = Arc::new(Mutex::new(read_state(&state_dir)));
         let (tagger, jobs) = std::sync::mpsc::channel::<TagJob>();
         let dir = state_dir.clone();
+        let written = Arc::clone(&mirror);
         // Ends when the provider (the only sender) is dropped.
         std::thread::Builder::new()
             .name("workspace tags".into())
@@ -138,7 +170,13 @@ impl ProcessProvider {
                 for job in jobs {
                     match job {
                         TagJob::Append(id, tags, done) => {
-                            let _ = done.send(append_tags(&dir, &mut open, &id, &tags));
+                            let result = append_tags(&dir, &mut open, &id, &tags);
+                            if result.is_ok() {
+                                if let Some(entry) = lock_mirror(&written).get_mut(id.as_str()) {
+                                    entry.later.extend(tags);
+                                }
+                            }
+                            let _ = done.send(result);
                         }
                         TagJob::Opened(id, file) => keep_open(&mut open, id, file),
                         TagJob::Forget(id) => {
@@ -157,6 +195,7 @@ impl ProcessProvider {
                 ports: Mutex::new(HashSet::new()),
                 tagger,
                 orphans_scanned: Mutex::new(None),
+                mirror,
             }),
         })
     }
@@ -214,6 +253,42 @@ fn append_tags(
     written.map_err(failed)
 }
 
+/// Every instance in the state folder: each record with the tags appended to it since. An
+/// unreadable record is skipped (its process, if any, is found without one and stopped); a
+/// torn last line of tags after a crash is skipped.
+fn read_state(state_dir: &Path) -> HashMap<String, Entry> {
+    let mut state = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(state_dir.join("instances")) else {
+        return state;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".json") else {
+            continue;
+        };
+        let record = std::fs::read(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice::<Record>(&bytes).map_err(|e| e.to_string()));
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                warn!("ignoring unreadable instance record {name}: {e}");
+                continue;
+            }
+        };
+        let mut later = BTreeMap::new();
+        if let Ok(lines) = std::fs::read_to_string(tags_path(state_dir, id)) {
+            for line in lines.lines() {
+                if let Ok(tags) = serde_json::from_str::<BTreeMap<String, String>>(line) {
+                    later.extend(tags);
+                }
+            }
+        }
+        state.insert(record.id.clone(), Entry { record, later });
+    }
+    state
+}
+
 fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("instances").join(format!("{id}.json"))
 }
@@ -260,7 +335,15 @@ impl Inner {
             .join("tmp")
             .join(format!("{}.json", record.id));
         std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
-        std::fs::rename(tmp, path)
+        std::fs::rename(tmp, path)?;
+        lock_mirror(&self.mirror)
+            .entry(record.id.clone())
+            .and_modify(|e| e.record = record.clone())
+            .or_insert_with(|| Entry {
+                record: record.clone(),
+                later: BTreeMap::new(),
+            });
+        Ok(())
     }
 
     /// Tags set after the launch, one JSON object a line. Appending needs no rename in the
@@ -270,21 +353,12 @@ impl Inner {
         tags_path(&self.state_dir, id)
     }
 
+    /// An instance's record with every tag, from the mirror of the state folder.
     fn read_record(&self, id: &str) -> io::Result<Record> {
-        let bytes = std::fs::read(self.record_path(id))?;
-        let mut record: Record = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
-        match std::fs::read_to_string(self.tags_path(id)) {
-            Ok(lines) => {
-                for line in lines.lines() {
-                    if let Ok(tags) = serde_json::from_str::<BTreeMap<String, String>>(line) {
-                        record.tags.extend(tags);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        Ok(record)
+        lock_mirror(&self.mirror)
+            .get(id)
+            .map(Entry::merged)
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
 
     fn spawn(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
@@ -405,9 +479,8 @@ impl Inner {
             return now_ms().saturating_sub(record.launched_at_ms) < 60_000;
         }
         if let Some(child) = self.lock_children().get_mut(&record.id) {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return false;
-            }
+            // Our own child: running until reaped, and its pid cannot be reused before.
+            return matches!(child.try_wait(), Ok(None));
         }
         match read_stat(record.pid) {
             Some(stat) => {
@@ -438,23 +511,13 @@ impl Inner {
         } else {
             Vec::new()
         };
-        let dir = self.state_dir.join("instances");
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| ProviderError::Other(format!("cannot read {}: {e}", dir.display())))?;
+        let records: Vec<Record> = lock_mirror(&self.mirror)
+            .values()
+            .map(Entry::merged)
+            .collect();
         let mut live = Vec::new();
         let mut known = std::collections::HashSet::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let record = match self.read_record(id) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("ignoring unreadable instance record {name}: {e}");
-                    continue;
-                }
-            };
+        for record in records {
             known.insert(record.id.clone());
             if self.is_alive(&record) {
                 self.lock_ports().insert(record.port);
@@ -494,6 +557,7 @@ impl Inner {
         self.lock_children().remove(id);
         let _ = std::fs::remove_file(self.record_path(id));
         let _ = std::fs::remove_file(self.tags_path(id));
+        lock_mirror(&self.mirror).remove(id);
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
         if let Ok(id) = InstanceId::parse(id) {
             let _ = self.tagger.send(TagJob::Forget(id));
