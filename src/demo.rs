@@ -13,8 +13,8 @@
 //!   as JSON;
 //! - `GET /ws` is a WebSocket echo; the message `?headers` is answered with the handshake's
 //!   headers as the workspace received them, as JSON;
-//! - `GET /stream?chunks=N&size=S` answers N pieces of S bytes, each sent on its own
-//!   (chunked encoding), as a workspace streaming output does;
+//! - `GET /stream?chunks=N&size=S[&gap_ms=G]` answers N pieces of S bytes, each sent on its
+//!   own G ms apart (chunked encoding; 2 ms by default), as a workspace streaming output does;
 //! - `GET /connections` counts the HTTP connections accepted and closed so far, and
 //!   `POST /close-idle` closes every connection as soon as it is idle, as a workspace whose
 //!   keep-alive timeout ran out would. The tests use these to see a proxy's kept connections.
@@ -217,9 +217,16 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
                     .unwrap_or(1)
             };
             let (chunks, size) = (param("chunks").min(10_000), param("size").min(1 << 20));
+            let gap = Duration::from_millis(
+                if req.uri().query().unwrap_or_default().contains("gap_ms=") {
+                    param("gap_ms").min(60_000) as u64
+                } else {
+                    2
+                },
+            );
             let pieces = futures_util::stream::iter(0..chunks).then(move |i| async move {
                 if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(gap).await;
                 }
                 let piece = Bytes::from(vec![b'a' + (i % 26) as u8; size]);
                 Ok::<_, Infallible>(hyper::body::Frame::data(piece))

@@ -551,6 +551,28 @@ async fn one_connection_carries_every_kind_of_request() {
     assert_eq!(c.response(false).await.2, b"landed\n");
 }
 
+#[tokio::test]
+async fn a_streamed_answer_reaches_the_client_piece_by_piece() {
+    let server = Server::start(Options::default()).await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+    // The second piece comes a minute after the first: the first must arrive without it.
+    let mut c = Raw::connect(&server).await;
+    c.send(format!(
+        "GET /{id}/stream?chunks=2&size=10&gap_ms=60000 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    ))
+    .await;
+    let status = c.line().await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    while !c.line().await.is_empty() {}
+    assert_eq!(
+        c.line().await.to_ascii_lowercase(),
+        "a",
+        "a piece of 10 bytes"
+    );
+    assert_eq!(c.bytes(12).await, b"aaaaaaaaaa\r\n");
+}
+
 /// The workspace's own count of its HTTP connections: (accepted, closed).
 async fn connections(address: &str) -> (u64, u64) {
     let client = reqwest::Client::builder()

@@ -269,7 +269,9 @@ impl Connection {
         } else {
             client.write_all(&self.answer[..body.end]).await
         };
-        if written.is_err() {
+        // Each piece is flushed as it is written: the client stream buffers small writes, and
+        // a streamed answer must not wait in that buffer for the next piece.
+        if written.is_err() || client.flush().await.is_err() {
             return self.broken();
         }
         // The rest of a body that did not come in one piece.
@@ -306,12 +308,11 @@ impl Connection {
                 },
                 _ => n,
             };
-            if client.write_all(&self.answer[..take]).await.is_err() {
+            if client.write_all(&self.answer[..take]).await.is_err()
+                || client.flush().await.is_err()
+            {
                 return self.broken();
             }
-        }
-        if client.flush().await.is_err() {
-            return self.broken();
         }
         self.input.drain(..total);
         if answer.keep_alive && finished == Some(true) {
