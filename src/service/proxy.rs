@@ -568,11 +568,16 @@ impl Forwarding<'_> {
 
 /// A header value as text, read as `HeaderValue::to_str` reads it: visible ASCII and tabs.
 pub(super) fn text(value: &[u8]) -> Option<&str> {
-    value
-        .iter()
-        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
-        .then(|| std::str::from_utf8(value).ok())
-        .flatten()
+    // Without an early exit, so that the check runs a vector at a time: session cookies are
+    // long, and this runs on every request.
+    let visible = value.iter().fold(true, |ok, &b| {
+        ok & ((b' '..=b'~').contains(&b) | (b == b'\t'))
+    });
+    if visible {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
 }
 
 /// An address as header text, IPv4 formatted by hand (`Display` costs more than the rest
@@ -1146,6 +1151,16 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// `text` reads a header value exactly as `HeaderValue::to_str` does, on both paths.
+        #[test]
+        fn header_text_is_read_as_http_reads_it(value in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            if let Ok(header) = http::HeaderValue::from_bytes(&value) {
+                proptest::prop_assert_eq!(text(&value), header.to_str().ok());
+            }
+        }
+    }
 
     #[test]
     fn addresses_become_header_values() {
