@@ -122,6 +122,9 @@ impl Edge {
             let idle = conn.input.is_empty() && !first;
             let limit = config.downstream_read_timeout;
             let n = if idle {
+                if *shutdown.borrow() {
+                    return None;
+                }
                 // A connection silent for a moment gives its buffers back.
                 let mut shrunk = false;
                 loop {
