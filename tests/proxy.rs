@@ -238,32 +238,20 @@ async fn websockets_echo_and_outlive_the_downstream_read_timeout() {
 /// workspace's answer, with the proxy's rewriting, as any request would.
 #[tokio::test]
 async fn an_upgrade_the_workspace_declines_gets_its_answer() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = Server::start(Options::default()).await;
     let id = server.request("ana").await;
     wait_ready(&server, &id).await;
-    let mut stream = tokio::net::TcpStream::connect(server.proxy).await.unwrap();
-    let handshake = format!(
+    let mut c = Raw::connect(&server).await;
+    c.send(format!(
         "GET /{id}/redirect?from=socket HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    stream.write_all(handshake.as_bytes()).await.unwrap();
-    let head = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut answer = Vec::new();
-        while stream.read_buf(&mut answer).await.unwrap() > 0 {
-            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        String::from_utf8_lossy(&answer).into_owned()
-    })
-    .await
-    .expect("the workspace's answer to the handshake within 10 s");
-    assert!(head.starts_with("HTTP/1.1 302"), "{head}");
+    ))
+    .await;
+    let (status, headers, _) = c.response(false).await;
+    assert_eq!(status, 302, "{headers:?}");
     // The demo redirects to its root path's /landed: brought back under the instance.
     assert!(
-        head.to_ascii_lowercase()
-            .contains(&format!("location: /{id}/landed")),
-        "{head}"
+        has(&headers, "location", &format!("/{id}/landed")),
+        "{headers:?}"
     );
 }
 

@@ -420,15 +420,16 @@ impl Inner {
                 .append(true)
                 .open(self.tags_path(id.as_str()))
         });
-        if let Ok(file) = &tags_file {
-            if let Ok(file) = file.try_clone() {
+        match tags_file {
+            Ok(file) => {
                 let _ = self.tagger.send(TagJob::Opened(id.clone(), file));
             }
-        }
-        if let Err(e) = tags_file {
-            self.lock_ports().remove(&port);
-            let _ = std::fs::remove_file(self.record_path(id.as_str()));
-            return Err(fail(format!("cannot write the instance record: {e}")));
+            Err(e) => {
+                // Nothing of the instance is kept: files, mirror entry, port.
+                self.lock_ports().remove(&port);
+                self.forget(id.as_str());
+                return Err(fail(format!("cannot write the instance record: {e}")));
+            }
         }
         let spawned = {
             use std::os::unix::process::CommandExt;

@@ -420,12 +420,7 @@ impl EdgeProxy {
             } => {
                 let trusted =
                     client_ip.is_some_and(|ip| trusted_networks.iter().any(|n| n.contains(ip)));
-                let named = session
-                    .req_header()
-                    .headers
-                    .get(header.as_str())
-                    .and_then(|v| v.to_str().ok())
-                    .is_some();
+                let named = session.req_header().header(header).is_some();
                 if trusted && named {
                     page(
                         session,
