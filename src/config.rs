@@ -7,7 +7,7 @@
 //! the environment variable where there is one, and what to write instead.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -617,6 +617,16 @@ fn build(
             ),
         )
     })?;
+    // Pingora binds with SO_REUSEPORT: two services on one address would share its
+    // connections at random, each answering the other's requests with 404s.
+    let overlap = |a: IpAddr, b: IpAddr| a == b || a.is_unspecified() || b.is_unspecified();
+    if api_listen.port() == proxy_listen.port() && overlap(api_listen.ip(), proxy_listen.ip()) {
+        return Err(invalid(
+            "api.listen",
+            Some("API_LISTEN"),
+            format!("the command API and the proxy ({proxy_listen}) cannot share {api_listen}: give the API another port"),
+        ));
+    }
     let public_url = match file.proxy.public_url {
         Some(url) => {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -1182,6 +1192,16 @@ mod tests {
             ("", &[("PROVIDER", "docker")], "use `process` or `ec2`"),
             ("", &[("API_LISTEN", "0.0.0.0:3001")], "bearer token"),
             ("", &[("API_LISTEN", "localhost")], "api.listen"),
+            (
+                "",
+                &[("API_LISTEN", "127.0.0.1:8081")],
+                "give the API another port",
+            ),
+            (
+                "",
+                &[("API_LISTEN", "127.0.0.1:4000"), ("PORT", "4000")],
+                "cannot share",
+            ),
             ("pool:\n  min_fre_instances: 3\n", &[], "min_fre_instances"),
             (
                 "pol:\n  max_instances: 3\n",
