@@ -18,7 +18,7 @@ use rstudio_pool::demo::{self, DemoOptions};
 use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
-use rstudio_pool::service::api::CommandApi;
+use rstudio_pool::service::api::{ApiServer, CommandApi};
 use rstudio_pool::service::background::Reconciler;
 use rstudio_pool::service::edge::Edge;
 use rstudio_pool::service::links::UserLinks;
@@ -144,13 +144,17 @@ fn main() {
 
     let mut api = Service::new(
         "command API".to_owned(),
-        CommandApi::new(
+        ApiServer::new(CommandApi::new(
             Arc::clone(&manager),
             config.api.token.clone(),
             config.api.max_body_bytes,
-        ),
+        )),
     );
-    api.add_tcp(&config.api.listen.to_string());
+    // No read buffer in front of each connection: the API reads into its own (as the edge).
+    api.add_listener(
+        ListenerConfig::tcp(config.api.listen.to_string())
+            .l4_buffer(L4BufferSettings::default().read(0)),
+    );
     server.add_service(api);
 
     server.add_service(background_service(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{answers, eventually, Options, Server};
+use common::{answers, eventually, Options, Raw, Server};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -189,6 +189,138 @@ async fn every_error_has_its_status_and_a_message() {
     assert_eq!(r.status().as_u16(), 404);
     // Nothing above took the server down.
     assert_eq!(server.command("GET_STATUS", json!({})).await.0, 200);
+}
+
+/// The API answers plain requests itself and leaves the rest to Pingora's HTTP server: one
+/// kept-alive connection carries both kinds, and both answer alike.
+#[tokio::test]
+async fn one_connection_carries_commands_in_every_framing() {
+    let server = Server::start(Options {
+        min_free: 0,
+        max: 2,
+        api_token: Some("api-secret".into()),
+        ..Options::default()
+    })
+    .await;
+    let post = |body: &str, headers: &str| {
+        format!(
+            "POST / HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer api-secret\r\n\
+             Content-Length: {}\r\n{headers}\r\n{body}",
+            body.len()
+        )
+    };
+    let chunked = |body: &str| {
+        format!(
+            "POST / HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer api-secret\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+    };
+    let json_of = |body: &[u8]| -> Value { serde_json::from_slice(body).unwrap() };
+    let header = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut c = Raw::connect(server.api).await;
+
+    // A command, then the same command chunked (Pingora's path): the same answer.
+    let assign = r#"{"command":"REQUEST_RSTUDIO","payload":{"userId":"framed"}}"#;
+    c.send(post(assign, "")).await;
+    let (status, plain_headers, body) = c.response(false).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let first = json_of(&body);
+    let id = first["instanceId"].as_str().unwrap().to_owned();
+    c.send(chunked(assign)).await;
+    let (status, chunked_headers, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["instanceId"], first["instanceId"]);
+    for name in ["content-type", "cache-control"] {
+        assert_eq!(
+            header(&plain_headers, name),
+            header(&chunked_headers, name),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        header(&plain_headers, "content-type").as_deref(),
+        Some("application/json")
+    );
+
+    // Two requests written at once are answered in order.
+    let status_of = format!(r#"{{"command":"GET_STATUS","payload":{{"instanceId":"{id}"}}}}"#);
+    c.send(format!(
+        "{}{}",
+        post(r#"{"command":"GET_STATUS","payload":{}}"#, ""),
+        post(&status_of, "")
+    ))
+    .await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["instances"], json!([id]));
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["instance"]["userId"], "framed");
+
+    // A body that arrives after its head, in two pieces.
+    let request = post(&status_of, "");
+    let (head, rest) = request.split_at(request.len() - status_of.len() / 2);
+    c.send(head).await;
+    c.send(rest).await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["instance"]["instanceId"], json!(id));
+
+    // Mistakes, on either path, get their status and keep the connection.
+    c.send(post("{not json", "")).await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 400);
+    assert!(json_of(&body)["error"].as_str().unwrap().contains("JSON"));
+    c.send(chunked("{not json")).await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 400);
+    assert!(json_of(&body)["error"].as_str().unwrap().contains("JSON"));
+    c.send("POST / HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\n{}")
+        .await;
+    let (status, headers, _) = c.response(false).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        header(&headers, "www-authenticate").as_deref(),
+        Some("Bearer")
+    );
+    c.send("GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n").await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(json_of(&body)["status"], "ok");
+
+    // `Connection: close` is answered, then the connection ends.
+    c.send(post(&status_of, "Connection: close\r\n")).await;
+    let (status, headers, _) = c.response(false).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "connection").as_deref(), Some("close"));
+    assert!(
+        c.closed().await,
+        "the connection stayed open after `Connection: close`"
+    );
+
+    // A body over the limit is refused before it is read, and the connection ends.
+    let mut c = Raw::connect(server.api).await;
+    c.send(
+        "POST / HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer api-secret\r\n\
+         Content-Length: 10000000\r\n\r\n{",
+    )
+    .await;
+    let (status, _, body) = c.response(false).await;
+    assert_eq!(status, 413);
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("larger than"));
+    assert!(
+        c.closed().await,
+        "the connection stayed open after a refused body"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, is_known, wait_ready, DemoProcess, Options, Server};
+use common::{eventually, is_known, wait_ready, DemoProcess, Options, Raw, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -241,7 +241,7 @@ async fn an_upgrade_the_workspace_declines_gets_its_answer() {
     let server = Server::start(Options::default()).await;
     let id = server.request("ana").await;
     wait_ready(&server, &id).await;
-    let mut c = Raw::connect(&server).await;
+    let mut c = Raw::connect(server.proxy).await;
     c.send(format!(
         "GET /{id}/redirect?from=socket HTTP/1.1\r\nHost: edge.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     ))
@@ -346,101 +346,6 @@ async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
     );
 }
 
-/// A bare HTTP/1.1 client on one connection: it sees exactly what the proxy writes, request
-/// after request, on a connection kept alive.
-struct Raw {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-/// A response as read off the wire: status, headers (names in lower case), decoded body.
-type RawResponse = (u16, Vec<(String, String)>, Vec<u8>);
-
-impl Raw {
-    async fn connect(server: &Server) -> Raw {
-        let stream = tokio::net::TcpStream::connect(server.proxy).await.unwrap();
-        Raw {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        use tokio::io::AsyncWriteExt;
-        self.stream.write_all(bytes.as_ref()).await.unwrap();
-    }
-
-    /// Reads more; `false` at the end of the connection.
-    async fn fill(&mut self) -> bool {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 16384];
-        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
-            .await
-            .expect("the proxy answers within 10 s")
-            .expect("the connection is open");
-        self.buf.extend_from_slice(&chunk[..n]);
-        n > 0
-    }
-
-    async fn bytes(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(self.fill().await, "the connection ended {n} bytes short");
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8(self.buf.drain(..i + 2).collect()).unwrap();
-                return line.trim_end().to_owned();
-            }
-            assert!(self.fill().await, "the connection ended within a line");
-        }
-    }
-
-    /// The next response; `head_only` for the answer to a `HEAD`.
-    async fn response(&mut self, head_only: bool) -> RawResponse {
-        let status_line = self.line().await;
-        let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut headers = Vec::new();
-        loop {
-            let line = self.line().await;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').unwrap();
-            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
-        }
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone())
-        };
-        let mut body = Vec::new();
-        if head_only || status == 204 || status == 304 {
-        } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
-            loop {
-                let size = usize::from_str_radix(self.line().await.split(';').next().unwrap(), 16)
-                    .unwrap();
-                if size == 0 {
-                    while !self.line().await.is_empty() {}
-                    break;
-                }
-                body.extend(self.bytes(size).await);
-                assert_eq!(self.bytes(2).await, b"\r\n");
-            }
-        } else if let Some(length) = header("content-length") {
-            body = self.bytes(length.parse().unwrap()).await;
-        } else {
-            while self.fill().await {}
-            body = std::mem::take(&mut self.buf);
-        }
-        (status, headers, body)
-    }
-}
-
 fn has(headers: &[(String, String)], name: &str, value: &str) -> bool {
     headers.iter().any(|(n, v)| n == name && v == value)
 }
@@ -454,7 +359,7 @@ async fn one_connection_carries_every_kind_of_request() {
     .await;
     let id = server.request("ana").await;
     wait_ready(&server, &id).await;
-    let mut c = Raw::connect(&server).await;
+    let mut c = Raw::connect(server.proxy).await;
     let get = |path: &str| format!("GET /{id}{path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     let upload = |headers: &str, body: &[u8]| {
         let mut request =
@@ -545,7 +450,7 @@ async fn a_streamed_answer_reaches_the_client_piece_by_piece() {
     let id = server.request("ana").await;
     wait_ready(&server, &id).await;
     // The second piece comes a minute after the first: the first must arrive without it.
-    let mut c = Raw::connect(&server).await;
+    let mut c = Raw::connect(server.proxy).await;
     c.send(format!(
         "GET /{id}/stream?chunks=2&size=10&gap_ms=60000 HTTP/1.1\r\nHost: localhost\r\n\r\n"
     ))
@@ -587,7 +492,7 @@ async fn a_kept_workspace_connection_that_closes_is_replaced_unseen() {
     let id = server.request("ana").await;
     wait_ready(&server, &id).await;
     let address = server.upstream(&id).await;
-    let mut c = Raw::connect(&server).await;
+    let mut c = Raw::connect(server.proxy).await;
     let landed = format!("GET /{id}/landed HTTP/1.1\r\nHost: localhost\r\n\r\n");
     c.send(&landed).await;
     assert_eq!(c.response(false).await.2, b"landed\n");

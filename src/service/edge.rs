@@ -35,9 +35,9 @@ pub(super) const MAX_HEAD: usize = 64 * 1024;
 /// Headers parsed in a head; a request with more is left to Pingora.
 pub(super) const MAX_HEADERS: usize = 128;
 /// How long a kept-alive connection may wait for its next request: Pingora's own default.
-const KEEPALIVE: Duration = Duration::from_secs(60);
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long a kept-alive connection waits before it gives its buffers back.
-const SHRINK_AFTER: Duration = Duration::from_secs(1);
+pub(super) const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// The edge proxy's connection handler: our own forwarding and WebSocket tunnels, and
 /// Pingora for the rest.
@@ -100,59 +100,22 @@ impl Edge {
     }
 
     /// Reads until the connection holds a whole request head, and plans it. `None`: the
-    /// connection is finished (closed, silent for too long, or the server is stopping).
+    /// connection is finished.
     async fn next_request(
         &self,
         conn: &mut forward::Connection,
         first: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<Plan> {
-        let config = self.proxy.config();
-        let mut shutdown = shutdown.clone();
-        loop {
-            if !conn.input.is_empty() {
-                match self.plan(conn) {
-                    Some(plan) => return Some(plan),
-                    None if conn.input.len() >= MAX_HEAD => return Some(Plan::Pingora),
-                    None => {}
-                }
-            }
-            // Between requests a connection may idle for the keep-alive time, and is closed
-            // early when the server stops; within a request, the read timeout applies.
-            let idle = conn.input.is_empty() && !first;
-            let limit = config.downstream_read_timeout;
-            let n = if idle {
-                if *shutdown.borrow() {
-                    return None;
-                }
-                // A connection silent for a moment gives its buffers back.
-                let mut shrunk = false;
-                loop {
-                    let wait = if shrunk {
-                        KEEPALIVE - SHRINK_AFTER
-                    } else {
-                        SHRINK_AFTER
-                    };
-                    tokio::select! {
-                        read = tokio::time::timeout(wait, conn.read_client(None)) => match read {
-                            Ok(n) => break n,
-                            Err(_) if !shrunk => {
-                                conn.shrink();
-                                shrunk = true;
-                            }
-                            Err(_) => return None,
-                        },
-                        _ = shutdown.changed() => return None,
-                    }
-                }
-            } else {
-                conn.read_client(limit).await
-            };
-            if n? == 0 {
-                // Closed before a whole head: nothing to answer.
-                return None;
-            }
-        }
+        let limit = self.proxy.config().downstream_read_timeout;
+        conn.next_head(
+            first,
+            shutdown,
+            limit,
+            |conn| self.plan(conn),
+            Plan::Pingora,
+        )
+        .await
     }
 
     /// Plans the request whose head is at the front of the connection's input; `None` while

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
+use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::edge::{MAX_HEAD, MAX_HEADERS};
+use super::edge::{KEEPALIVE, MAX_HEAD, MAX_HEADERS, SHRINK_AFTER};
 use super::proxy::{page_html, text, Destination, EdgeProxy, Head, TIMED_OUT, UNREACHABLE};
 use super::tunnel::{response_head, write_response_head};
 use crate::provider::process::now_ms;
@@ -115,6 +116,84 @@ impl Connection {
         }
     }
 
+    /// Reads until `input` holds at least `total` bytes (a request's head and body): `false`
+    /// when the client closed, failed or went silent for `limit` first.
+    pub async fn read_to(&mut self, total: usize, limit: Option<Duration>) -> bool {
+        self.input.reserve(total.saturating_sub(self.input.len()));
+        while self.input.len() < total {
+            match self.read_client(limit).await {
+                Some(n) if n > 0 => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Writes `out` to the client: `false` when the client is gone.
+    pub async fn send_out(&mut self) -> bool {
+        let Some(client) = self.client.as_mut() else {
+            return false;
+        };
+        client.write_all(&self.out).await.is_ok() && client.flush().await.is_ok()
+    }
+
+    /// Waits until the connection holds a request head that `plan` can plan, and returns its
+    /// plan; `too_long` for a head over [`MAX_HEAD`]. `plan` answers `None` while the head is
+    /// incomplete. `None`: the connection is finished (closed, silent for too long, or the
+    /// server is stopping). Between requests a connection may idle for the keep-alive time
+    /// (giving its buffers back after a moment) and is closed early when the server stops;
+    /// within a request, `limit` applies to each read.
+    pub async fn next_head<P>(
+        &mut self,
+        first: bool,
+        shutdown: &ShutdownWatch,
+        limit: Option<Duration>,
+        mut plan: impl FnMut(&mut Self) -> Option<P>,
+        too_long: P,
+    ) -> Option<P> {
+        let mut shutdown = shutdown.clone();
+        loop {
+            if !self.input.is_empty() {
+                match plan(self) {
+                    Some(plan) => return Some(plan),
+                    None if self.input.len() >= MAX_HEAD => return Some(too_long),
+                    None => {}
+                }
+            }
+            let idle = self.input.is_empty() && !first;
+            let n = if idle {
+                if *shutdown.borrow() {
+                    return None;
+                }
+                let mut shrunk = false;
+                loop {
+                    let wait = if shrunk {
+                        KEEPALIVE - SHRINK_AFTER
+                    } else {
+                        SHRINK_AFTER
+                    };
+                    tokio::select! {
+                        read = tokio::time::timeout(wait, self.read_client(None)) => match read {
+                            Ok(n) => break n,
+                            Err(_) if !shrunk => {
+                                self.shrink();
+                                shrunk = true;
+                            }
+                            Err(_) => return None,
+                        },
+                        _ = shutdown.changed() => return None,
+                    }
+                }
+            } else {
+                self.read_client(limit).await
+            };
+            if n? == 0 {
+                // Closed before a whole head: nothing to answer.
+                return None;
+            }
+        }
+    }
+
     /// Gives the buffers back while the connection waits: an idle connection holds none.
     pub fn shrink(&mut self) {
         if self.input.is_empty() {
@@ -160,12 +239,8 @@ impl Connection {
     pub async fn forward(&mut self, proxy: &EdgeProxy, job: Forward) -> Done {
         let config = proxy.config();
         let total = job.head_len + job.body_len;
-        self.input.reserve(total.saturating_sub(self.input.len()));
-        while self.input.len() < total {
-            match self.read_client(config.downstream_read_timeout).await {
-                Some(n) if n > 0 => {}
-                _ => return Done::Close,
-            }
+        if !self.read_to(total, config.downstream_read_timeout).await {
+            return Done::Close;
         }
         self.out.extend_from_slice(&self.input[job.head_len..total]);
         let Destination::Instance {
@@ -528,7 +603,7 @@ pub(super) fn plan(
 
 /// An origin-form target that `http::Uri` (and so Pingora) reads as we split it: visible
 /// ASCII without a fragment or the characters it refuses.
-fn plain_target(target: &str) -> bool {
+pub(super) fn plain_target(target: &str) -> bool {
     target.starts_with('/')
         && target
             .bytes()
@@ -536,7 +611,7 @@ fn plain_target(target: &str) -> bool {
 }
 
 /// A `Content-Length` value: digits only.
-fn length(value: &[u8]) -> Option<usize> {
+pub(super) fn length(value: &[u8]) -> Option<usize> {
     let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;

@@ -31,11 +31,16 @@ where
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` different loopback ports that nobody listens on: each is held until all are chosen,
+/// so that the kernel cannot hand out one of them twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// The settings a test varies; the rest is a small local pool.
@@ -95,10 +100,11 @@ impl Server {
     pub async fn start(options: Options) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
+        let [api_port, proxy_port] = free_ports();
         let mut server = Server {
             child: None,
-            api: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            proxy: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            api: SocketAddr::from(([127, 0, 0, 1], api_port)),
+            proxy: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
             config: dir.join("rstudio-pool.yaml"),
             dir,
             options,
@@ -412,4 +418,109 @@ pub async fn is_known(server: &Server, id: &str) -> bool {
         .0
         == 200
 }
+/// A bare HTTP/1.1 client on one connection: it sees exactly what the server writes, request
+/// after request, on a connection kept alive.
+pub struct Raw {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A response as read off the wire: status, headers (names in lower case), decoded body.
+pub type RawResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
+impl Raw {
+    pub async fn connect(address: SocketAddr) -> Raw {
+        let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes.as_ref()).await.unwrap();
+    }
+
+    /// Reads more; `false` at the end of the connection.
+    pub async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 16384];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("the server answers within 10 s")
+            .expect("the connection is open");
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// Whether the server ends the connection (closed or reset) without sending more.
+    pub async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
+            .await
+            .expect("the server answers or closes within 10 s");
+        matches!(read, Ok(0) | Err(_))
+    }
+
+    pub async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "the connection ended {n} bytes short");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    pub async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf.drain(..i + 2).collect()).unwrap();
+                return line.trim_end().to_owned();
+            }
+            assert!(self.fill().await, "the connection ended within a line");
+        }
+    }
+
+    /// The next response; `head_only` for the answer to a `HEAD`.
+    pub async fn response(&mut self, head_only: bool) -> RawResponse {
+        let status_line = self.line().await;
+        let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if head_only || status == 204 || status == 304 {
+        } else if header("transfer-encoding").is_some_and(|te| te.contains("chunked")) {
+            loop {
+                let size = usize::from_str_radix(self.line().await.split(';').next().unwrap(), 16)
+                    .unwrap();
+                if size == 0 {
+                    while !self.line().await.is_empty() {}
+                    break;
+                }
+                body.extend(self.bytes(size).await);
+                assert_eq!(self.bytes(2).await, b"\r\n");
+            }
+        } else if let Some(length) = header("content-length") {
+            body = self.bytes(length.parse().unwrap()).await;
+        } else {
+            while self.fill().await {}
+            body = std::mem::take(&mut self.buf);
+        }
+        (status, headers, body)
+    }
+}
+
 pub mod moto;
