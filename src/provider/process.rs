@@ -1,7 +1,8 @@
 //! The `process` provider: each instance is a local child process (the demo workspace,
 //! JupyterLab, ...) on a free loopback port. For laptops, demos and tests.
 //!
-//! Its "tags" are a small JSON record per instance in `STATE_DIR/instances/`, and each process
+//! Its "tags" are a small JSON record per instance in `STATE_DIR/instances/` (the tags set at
+//! launch) and, for tags set later, one journal for the folder, `STATE_DIR/tags.log`. Each process
 //! runs in its own process group with its working directory in `STATE_DIR/work/<id>/`. The
 //! working directory is what makes a process findable when its record is missing (a crash
 //! between spawning and writing the record), the way EC2 tags are set from the first moment.
@@ -113,10 +114,8 @@ pub struct Inner {
     /// Ports handed to live workspaces. A port is free to the kernel from the moment we probe
     /// it until the workspace binds it; this set keeps two launches from getting the same one.
     ports: Mutex<HashSet<u16>>,
-    /// The one thread that appends tags. A burst of assignments used to start a blocking-pool
-    /// thread per write (hundreds at once, each with a fresh stack); one long-lived writer
-    /// does the same small appends in turn.
-    tagger: std::sync::mpsc::Sender<TagJob>,
+    /// The one thread that appends tags to the journal ([`Journal`]).
+    tagger: std::sync::mpsc::Sender<Tagging>,
     /// When the last listing looked through /proc for workspaces that lost their record.
     orphans_scanned: Mutex<Option<std::time::Instant>>,
     mirror: Mirror,
@@ -129,21 +128,20 @@ pub struct Inner {
 /// burst of assignments (perf, BENCHMARKS.md).
 const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(60);
 
-/// Work for the tag writer thread.
-enum TagJob {
-    Append(
-        InstanceId,
-        Vec<(String, String)>,
-        tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
-    ),
-    /// A new instance's tags file, open for appending.
-    Opened(InstanceId, std::fs::File),
-    /// The instance's files are gone: close its tags file.
-    Forget(InstanceId),
+/// Tags to append for an instance, and who waits for them to be written.
+struct Tagging {
+    id: InstanceId,
+    tags: Vec<(String, String)>,
+    done: tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
 }
 
-/// Tags files the writer keeps open, so that an assignment's tags cost one `write`.
-const OPEN_TAG_FILES: usize = 512;
+/// The most taggings written together.
+const MAX_BATCH: usize = 1024;
+
+/// A journal with more lines than this, and more than [`COMPACT_RATIO`] lines per instance
+/// in the folder, is rewritten with one line per instance.
+const COMPACT_AFTER: usize = 4096;
+const COMPACT_RATIO: usize = 4;
 
 impl ProcessProvider {
     /// Creates the provider over `state_dir`, creating its folders.
@@ -159,30 +157,17 @@ impl ProcessProvider {
         let state_dir = state_dir.canonicalize()?;
         let exe = std::env::current_exe()?.to_string_lossy().into_owned();
         let mirror: Mirror = Arc::new(Mutex::new(read_state(&state_dir)));
-        let (tagger, jobs) = std::sync::mpsc::channel::<TagJob>();
-        let dir = state_dir.clone();
-        let written = Arc::clone(&mirror);
+        let mut journal = Journal::open(&state_dir, Arc::clone(&mirror))?;
+        let (tagger, jobs) = std::sync::mpsc::channel::<Tagging>();
         // Ends when the provider (the only sender) is dropped.
         std::thread::Builder::new()
             .name("workspace tags".into())
             .spawn(move || {
-                let mut open = HashMap::new();
-                for job in jobs {
-                    match job {
-                        TagJob::Append(id, tags, done) => {
-                            let result = append_tags(&dir, &mut open, &id, &tags);
-                            if result.is_ok() {
-                                if let Some(entry) = lock_mirror(&written).get_mut(id.as_str()) {
-                                    entry.later.extend(tags);
-                                }
-                            }
-                            let _ = done.send(result);
-                        }
-                        TagJob::Opened(id, file) => keep_open(&mut open, id, file),
-                        TagJob::Forget(id) => {
-                            open.remove(&id);
-                        }
-                    }
+                while let Ok(first) = jobs.recv() {
+                    // Whatever queued up while the last batch was written goes in this one.
+                    let mut batch = vec![first];
+                    batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+                    journal.commit(batch);
                 }
             })?;
         Ok(Self {
@@ -201,61 +186,176 @@ impl ProcessProvider {
     }
 }
 
-/// Keeps a tags file open, closing another when too many are.
-fn keep_open(open: &mut HashMap<InstanceId, std::fs::File>, id: InstanceId, file: std::fs::File) {
-    if open.len() >= OPEN_TAG_FILES {
-        if let Some(other) = open.keys().next().cloned() {
-            open.remove(&other);
+/// The tags set after launch, for every instance of the folder: `STATE_DIR/tags.log`, one
+/// JSON line per tagging, `{"id": "i-...", "tags": {...}}`, later lines winning. Written by
+/// one thread, in batches: a burst of 200 assignments is a few `write`s to one open file,
+/// where a file per instance cost a `write` each (and opening and closing beyond 512 open
+/// files), 3 ms of the burst's p99 (BENCHMARKS.md). A line is written before its tagging is
+/// reported done, so an owner is on disk before the caller hears of the assignment.
+///
+/// Lines of instances that are gone stay until the journal is compacted: at start, and when
+/// it grows past [`COMPACT_AFTER`] lines, it is rewritten beside and renamed in, with each
+/// live instance's tags on one line.
+struct Journal {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Lines in the file.
+    lines: usize,
+    /// A write failed part-way: the file may end in a torn line, so it is rewritten before
+    /// the next append.
+    torn: bool,
+    mirror: Mirror,
+}
+
+/// One line of the journal.
+#[derive(Serialize, Deserialize)]
+struct JournalLine<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    tags: BTreeMap<std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>>,
+}
+
+fn journal_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("tags.log")
+}
+
+impl Journal {
+    /// Opens the folder's journal (whose lines [`read_state`] has put in the mirror) and
+    /// compacts it.
+    fn open(state_dir: &Path, mirror: Mirror) -> io::Result<Self> {
+        let path = journal_path(state_dir);
+        let file = Self::append_to(&path)?;
+        let mut journal = Self {
+            path,
+            file,
+            lines: 0,
+            torn: false,
+            mirror,
+        };
+        journal.compact()?;
+        Ok(journal)
+    }
+
+    fn append_to(path: &Path) -> io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    /// Writes a batch of taggings in one `write` and reports each one's outcome; tags of an
+    /// instance not in the folder are refused.
+    fn commit(&mut self, batch: Vec<Tagging>) {
+        let mut buf = Vec::with_capacity(batch.len() * 128);
+        let mut taken = Vec::with_capacity(batch.len());
+        {
+            let mirror = lock_mirror(&self.mirror);
+            for tagging in batch {
+                if !mirror.contains_key(tagging.id.as_str()) {
+                    let _ = tagging
+                        .done
+                        .send(Err(ProviderError::NotFound(tagging.id.clone())));
+                    continue;
+                }
+                let line = JournalLine {
+                    id: tagging.id.as_str().into(),
+                    tags: tagging
+                        .tags
+                        .iter()
+                        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                        .collect(),
+                };
+                // Strings and a map of strings: encoding cannot fail.
+                if serde_json::to_writer(&mut buf, &line).is_ok() {
+                    buf.push(b'\n');
+                    taken.push(tagging);
+                }
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let written = self.write(&buf);
+        if written.is_ok() {
+            let mut mirror = lock_mirror(&self.mirror);
+            for tagging in &taken {
+                if let Some(entry) = mirror.get_mut(tagging.id.as_str()) {
+                    entry.later.extend(tagging.tags.iter().cloned());
+                }
+            }
+            self.lines += taken.len();
+        }
+        for tagging in taken {
+            let outcome = match &written {
+                Ok(()) => Ok(()),
+                Err(e) => Err(ProviderError::Other(format!(
+                    "cannot tag {}: {}: {e}",
+                    tagging.id,
+                    self.path.display()
+                ))),
+            };
+            let _ = tagging.done.send(outcome);
+        }
+        let instances = lock_mirror(&self.mirror).len();
+        if self.lines > COMPACT_AFTER.max(COMPACT_RATIO * instances) {
+            if let Err(e) = self.compact() {
+                warn!("cannot compact {}: {e}", self.path.display());
+            }
         }
     }
-    open.insert(id, file);
-}
 
-/// Appends one line of tags to an instance's tags file (made at launch, next to its record,
-/// and removed with it), keeping the file open in `open` for the next line.
-fn append_tags(
-    state_dir: &Path,
-    open: &mut HashMap<InstanceId, std::fs::File>,
-    id: &InstanceId,
-    tags: &[(String, String)],
-) -> Result<(), ProviderError> {
-    use std::io::Write;
-    let map: BTreeMap<&str, &str> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut line = serde_json::to_vec(&map)
-        .map_err(|e| ProviderError::Other(format!("cannot encode tags of {id}: {e}")))?;
-    line.push(b'\n');
-    let failed = |e: io::Error| ProviderError::Other(format!("cannot tag {id}: {e}"));
-    if !open.contains_key(id) {
-        let path = tags_path(state_dir, id.as_str());
-        let file = match std::fs::OpenOptions::new().append(true).open(&path) {
-            Ok(file) => file,
-            // No tags file: no instance, unless its record is from before tags files were
-            // made at launch.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !record_path(state_dir, id.as_str()).exists() {
-                    return Err(ProviderError::NotFound(id.clone()));
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(failed)?
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        if self.torn {
+            self.compact()?;
+        }
+        let written = self.file.write_all(buf);
+        if written.is_err() {
+            self.torn = true;
+        }
+        written
+    }
+
+    /// Rewrites the journal with one line per instance of the folder that has tags, beside
+    /// it, and renames it in: lines of forgotten instances, and a torn line, are dropped.
+    fn compact(&mut self) -> io::Result<()> {
+        use std::io::Write;
+        let mut buf = Vec::new();
+        let mut lines = 0;
+        for (id, entry) in lock_mirror(&self.mirror).iter() {
+            if entry.later.is_empty() {
+                continue;
             }
-            Err(e) => return Err(failed(e)),
-        };
-        keep_open(open, id.clone(), file);
+            let line = JournalLine {
+                id: id.as_str().into(),
+                tags: entry
+                    .later
+                    .iter()
+                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                    .collect(),
+            };
+            serde_json::to_writer(&mut buf, &line)?;
+            buf.push(b'\n');
+            lines += 1;
+        }
+        let tmp = self.path.with_extension("log.tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&buf)?;
+        // On disk before it replaces the old journal: a crash leaves one or the other.
+        file.sync_data()?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = Self::append_to(&self.path)?;
+        self.lines = lines;
+        self.torn = false;
+        Ok(())
     }
-    let file = open.get_mut(id).expect("opened above");
-    let written = file.write_all(&line);
-    if written.is_err() {
-        open.remove(id);
-    }
-    written.map_err(failed)
 }
 
-/// Every instance in the state folder: each record with the tags appended to it since. An
-/// unreadable record is skipped (its process, if any, is found without one and stopped); a
-/// torn last line of tags after a crash is skipped.
+/// Every instance in the state folder: each record with the tags set since, from the journal
+/// (and from the tags file per instance that versions before the journal kept). An unreadable
+/// record is skipped (its process, if any, is found without one and stopped); a torn line of
+/// tags after a crash is skipped, and lines of instances without a record are ignored.
 fn read_state(state_dir: &Path) -> HashMap<String, Entry> {
     let mut state = HashMap::new();
     let Ok(entries) = std::fs::read_dir(state_dir.join("instances")) else {
@@ -277,7 +377,7 @@ fn read_state(state_dir: &Path) -> HashMap<String, Entry> {
             }
         };
         let mut later = BTreeMap::new();
-        if let Ok(lines) = std::fs::read_to_string(tags_path(state_dir, id)) {
+        if let Ok(lines) = std::fs::read_to_string(legacy_tags_path(state_dir, id)) {
             for line in lines.lines() {
                 if let Ok(tags) = serde_json::from_str::<BTreeMap<String, String>>(line) {
                     later.extend(tags);
@@ -286,6 +386,18 @@ fn read_state(state_dir: &Path) -> HashMap<String, Entry> {
         }
         state.insert(record.id.clone(), Entry { record, later });
     }
+    if let Ok(journal) = std::fs::read(journal_path(state_dir)) {
+        for line in journal.split(|&b| b == b'\n') {
+            let Ok(line) = serde_json::from_slice::<JournalLine>(line) else {
+                continue;
+            };
+            if let Some(entry) = state.get_mut(line.id.as_ref()) {
+                entry
+                    .later
+                    .extend(line.tags.into_iter().map(|(k, v)| (k.into(), v.into())));
+            }
+        }
+    }
     state
 }
 
@@ -293,7 +405,8 @@ fn record_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("instances").join(format!("{id}.json"))
 }
 
-fn tags_path(state_dir: &Path, id: &str) -> PathBuf {
+/// Where versions before the journal kept an instance's later tags.
+fn legacy_tags_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("instances").join(format!("{id}.tags"))
 }
 
@@ -344,13 +457,6 @@ impl Inner {
                 later: BTreeMap::new(),
             });
         Ok(())
-    }
-
-    /// Tags set after the launch, one JSON object a line. Appending needs no rename in the
-    /// shared folder (whose lock serialised concurrent assignments), and an `O_APPEND` write
-    /// of one small line lands whole; a torn last line after a crash is skipped on reading.
-    fn tags_path(&self, id: &str) -> PathBuf {
-        tags_path(&self.state_dir, id)
     }
 
     /// An instance's record with every tag, from the mirror of the state folder.
@@ -411,25 +517,11 @@ impl Inner {
             launched_at_ms: now_ms(),
             tags,
         };
-        // The tags file is made now, at launch, and handed to the tag writer open, so that
-        // tagging at assignment is one `write`: creating or opening files in the shared folder
-        // takes its lock.
-        let tags_file = self.write_record(&record).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.tags_path(id.as_str()))
-        });
-        match tags_file {
-            Ok(file) => {
-                let _ = self.tagger.send(TagJob::Opened(id.clone(), file));
-            }
-            Err(e) => {
-                // Nothing of the instance is kept: files, mirror entry, port.
-                self.lock_ports().remove(&port);
-                self.forget(id.as_str());
-                return Err(fail(format!("cannot write the instance record: {e}")));
-            }
+        if let Err(e) = self.write_record(&record) {
+            // Nothing of the instance is kept: files, mirror entry, port.
+            self.lock_ports().remove(&port);
+            self.forget(id.as_str());
+            return Err(fail(format!("cannot write the instance record: {e}")));
         }
         let spawned = {
             use std::os::unix::process::CommandExt;
@@ -557,12 +649,9 @@ impl Inner {
         }
         self.lock_children().remove(id);
         let _ = std::fs::remove_file(self.record_path(id));
-        let _ = std::fs::remove_file(self.tags_path(id));
+        let _ = std::fs::remove_file(legacy_tags_path(&self.state_dir, id));
         lock_mirror(&self.mirror).remove(id);
         let _ = std::fs::remove_dir_all(self.work_dir().join(id));
-        if let Ok(id) = InstanceId::parse(id) {
-            let _ = self.tagger.send(TagJob::Forget(id));
-        }
     }
 
     /// The process group leader of `id`, if it still runs: from its record, or, without one,
@@ -615,12 +704,15 @@ impl Provider for ProcessProvider {
         id: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), ProviderError> {
-        // A small append, off the async workers, by the one tag writer.
+        // Off the async workers, by the one tag writer, with whatever else is waiting.
         let stopped = || ProviderError::Other("the tag writer has stopped".into());
         let (done, reply) = tokio::sync::oneshot::channel();
-        self.tagger
-            .send(TagJob::Append(id.clone(), tags.to_vec(), done))
-            .map_err(|_| stopped())?;
+        let tagging = Tagging {
+            id: id.clone(),
+            tags: tags.to_vec(),
+            done,
+        };
+        self.tagger.send(tagging).map_err(|_| stopped())?;
         reply.await.map_err(|_| stopped())?
     }
 
@@ -771,6 +863,97 @@ mod tests {
                 "--base=/i-0123456789abcdef0/"
             ]
         );
+    }
+
+    /// A state folder with one record per id, as a launch writes it.
+    fn folder_with(ids: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("instances")).unwrap();
+        for id in ids {
+            let record = Record {
+                id: (*id).to_owned(),
+                pid: 0,
+                start_ticks: 0,
+                port: 1,
+                launched_at_ms: 1,
+                tags: BTreeMap::from([(TAG_PURPOSE.to_owned(), "rstudio".to_owned())]),
+            };
+            std::fs::write(
+                record_path(dir.path(), id),
+                serde_json::to_vec(&record).unwrap(),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
+    fn provider(dir: &Path) -> ProcessProvider {
+        ProcessProvider::new(dir, "test", HashMap::new()).unwrap()
+    }
+
+    fn tag(provider: &ProcessProvider, id: &str, key: &str) -> Option<String> {
+        provider.read_record(id).ok()?.tags.get(key).cloned()
+    }
+
+    const A: &str = "i-0000000000000000a";
+    const B: &str = "i-0000000000000000b";
+    const GONE: &str = "i-0000000000000000c";
+
+    #[test]
+    fn the_journal_is_read_past_a_torn_line_and_compacted_at_start() {
+        let dir = folder_with(&[A, B]);
+        // A line of an instance that is gone, a later line that wins over an earlier one, and
+        // a torn last line (a crash mid-write, before its caller heard back).
+        let journal = format!(
+            "{{\"id\":\"{A}\",\"tags\":{{\"userId\":\"old\"}}}}\n\
+             {{\"id\":\"{GONE}\",\"tags\":{{\"userId\":\"x\"}}}}\n\
+             {{\"id\":\"{A}\",\"tags\":{{\"userId\":\"ana\"}}}}\n\
+             {{\"id\":\"{B}\",\"tags\":{{\"userId\":\"ca"
+        );
+        std::fs::write(journal_path(dir.path()), journal).unwrap();
+        // A tags file per instance, as versions before the journal kept them.
+        std::fs::write(legacy_tags_path(dir.path(), B), "{\"userId\":\"ben\"}\n").unwrap();
+        let p = provider(dir.path());
+        assert_eq!(tag(&p, A, "userId").as_deref(), Some("ana"));
+        assert_eq!(tag(&p, B, "userId").as_deref(), Some("ben"));
+        // Rewritten at start: a line appended now does not join the torn one.
+        let compacted = std::fs::read_to_string(journal_path(dir.path())).unwrap();
+        assert_eq!(compacted.lines().count(), 2, "{compacted}");
+        assert!(
+            compacted.ends_with('\n') && !compacted.contains(GONE),
+            "{compacted}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_set_are_on_disk_when_reported_and_survive_a_restart() {
+        let dir = folder_with(&[A, B]);
+        let p = provider(dir.path());
+        let id = InstanceId::parse(A).unwrap();
+        let owner = vec![("userId".to_owned(), "ana".to_owned())];
+        // Many at once: they go out in batches, and each is reported.
+        let all = (0..50).map(|n| {
+            let (p, id) = (p.clone(), id.clone());
+            let tags = vec![("n".to_owned(), n.to_string())];
+            async move { p.set_tags(&id, &tags).await }
+        });
+        for outcome in futures_util::future::join_all(all).await {
+            outcome.unwrap();
+        }
+        p.set_tags(&id, &owner).await.unwrap();
+        let unknown = InstanceId::parse(GONE).unwrap();
+        assert!(matches!(
+            p.set_tags(&unknown, &owner).await,
+            Err(ProviderError::NotFound(_))
+        ));
+        assert_eq!(tag(&p, A, "userId").as_deref(), Some("ana"));
+        // Read back by a provider of a later run, before this one is gone.
+        let again = provider(dir.path());
+        assert_eq!(tag(&again, A, "userId").as_deref(), Some("ana"));
+        assert_eq!(tag(&again, B, "userId"), None);
+        // The next run compacted the 51 lines into one.
+        let compacted = std::fs::read_to_string(journal_path(dir.path())).unwrap();
+        assert_eq!(compacted.lines().count(), 1, "{compacted}");
     }
 
     #[test]
