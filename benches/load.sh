@@ -31,7 +31,7 @@ ROUNDS="${ROUNDS:-2}"
 WS_SOCKETS="${WS_SOCKETS:-1000 10000}"
 WS_SECONDS="${WS_SECONDS:-30}"
 API_CALLERS="${API_CALLERS:-200}"
-API_ROUNDS="${API_ROUNDS:-3}"
+API_ROUNDS="${API_ROUNDS:-5}"
 PARTS="${PARTS:-http instr ws api}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
@@ -360,7 +360,7 @@ fi
 if [[ " $PARTS " == *" api "* ]]; then
   API2=$(port); PROXY2=$(port)
   sed -e "s#127.0.0.1:$API#127.0.0.1:$API2#; s#127.0.0.1:$PROXY#127.0.0.1:$PROXY2#; s#state_dir: $WORK/state#state_dir: $WORK/state-api#" \
-      -e "s#^threads: 1#threads: 2#" "$WORK/bench.yaml" > "$WORK/api.yaml"
+      "$WORK/bench.yaml" > "$WORK/api.yaml"
   python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-$(( API_CALLERS * (API_ROUNDS + 1) ))}" <<'EOF'
 import sys
 path, n = sys.argv[1], sys.argv[2]

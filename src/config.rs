@@ -149,6 +149,7 @@ struct ApiSection {
     listen: String,
     token: Option<String>,
     max_body_bytes: usize,
+    threads: usize,
 }
 
 impl Default for ApiSection {
@@ -157,6 +158,9 @@ impl Default for ApiSection {
             listen: "127.0.0.1:3001".into(),
             token: None,
             max_body_bytes: 64 * 1024,
+            // Commands are few and light; one thread answered a burst of 200 assignments
+            // faster than two, which met the callers on the same cores (BENCHMARKS.md).
+            threads: 1,
         }
     }
 }
@@ -270,6 +274,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
     pub max_body_bytes: usize,
+    /// Worker threads of the command API's service (Pingora's `threads` sizes the others).
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -599,6 +605,13 @@ fn build(
             ),
         )
     })?;
+    if file.api.threads == 0 {
+        return Err(invalid(
+            "api.threads",
+            None,
+            "must be at least 1 (the command API needs a thread; 1 is plenty)",
+        ));
+    }
     let api_token = file.api.token.filter(|t| !t.is_empty());
     if !api_listen.ip().is_loopback() && api_token.is_none() {
         return Err(invalid(
@@ -857,6 +870,7 @@ fn build(
             listen: api_listen,
             token: api_token,
             max_body_bytes: file.api.max_body_bytes.max(1024),
+            threads: file.api.threads,
         },
         proxy: ProxyConfig {
             listen: proxy_listen,
@@ -1209,6 +1223,7 @@ mod tests {
                 "unknown top-level key `pol`",
             ),
             ("pool: [1, 2]\n", &[], "pool"),
+            ("api:\n  threads: 0\n", &[], "api.threads"),
             (
                 "purposes:\n  rstudio:\n    root_path_header: \"bad header\"\n",
                 &[],

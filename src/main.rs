@@ -150,6 +150,7 @@ fn main() {
             config.api.max_body_bytes,
         )),
     );
+    api.threads = Some(config.api.threads);
     // No read buffer in front of each connection: the API reads into its own (as the edge).
     api.add_listener(
         ListenerConfig::tcp(config.api.listen.to_string())

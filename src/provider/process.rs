@@ -114,8 +114,8 @@ pub struct Inner {
     /// Ports handed to live workspaces. A port is free to the kernel from the moment we probe
     /// it until the workspace binds it; this set keeps two launches from getting the same one.
     ports: Mutex<HashSet<u16>>,
-    /// The one thread that appends tags to the journal ([`Journal`]).
-    tagger: std::sync::mpsc::Sender<Tagging>,
+    /// Tags set after launch ([`Journal`]).
+    journal: Journal,
     /// When the last listing looked through /proc for workspaces that lost their record.
     orphans_scanned: Mutex<Option<std::time::Instant>>,
     mirror: Mirror,
@@ -135,12 +135,10 @@ struct Tagging {
     done: tokio::sync::oneshot::Sender<Result<(), ProviderError>>,
 }
 
-/// The most taggings written together.
-const MAX_BATCH: usize = 1024;
-
 /// A journal with more lines than this, and more than [`COMPACT_RATIO`] lines per instance
-/// in the folder, is rewritten with one line per instance.
-const COMPACT_AFTER: usize = 4096;
+/// in the folder, is rewritten with one line per instance (about 8 MB of lines; the rewrite
+/// syncs the new file, which a writer waits for, so it is rare).
+const COMPACT_AFTER: usize = 65_536;
 const COMPACT_RATIO: usize = 4;
 
 impl ProcessProvider {
@@ -157,19 +155,7 @@ impl ProcessProvider {
         let state_dir = state_dir.canonicalize()?;
         let exe = std::env::current_exe()?.to_string_lossy().into_owned();
         let mirror: Mirror = Arc::new(Mutex::new(read_state(&state_dir)));
-        let mut journal = Journal::open(&state_dir, Arc::clone(&mirror))?;
-        let (tagger, jobs) = std::sync::mpsc::channel::<Tagging>();
-        // Ends when the provider (the only sender) is dropped.
-        std::thread::Builder::new()
-            .name("workspace tags".into())
-            .spawn(move || {
-                while let Ok(first) = jobs.recv() {
-                    // Whatever queued up while the last batch was written goes in this one.
-                    let mut batch = vec![first];
-                    batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-                    journal.commit(batch);
-                }
-            })?;
+        let journal = Journal::open(&state_dir, Arc::clone(&mirror))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 state_dir,
@@ -178,7 +164,7 @@ impl ProcessProvider {
                 exe,
                 children: Mutex::new(HashMap::new()),
                 ports: Mutex::new(HashSet::new()),
-                tagger,
+                journal,
                 orphans_scanned: Mutex::new(None),
                 mirror,
             }),
@@ -187,16 +173,28 @@ impl ProcessProvider {
 }
 
 /// The tags set after launch, for every instance of the folder: `STATE_DIR/tags.log`, one
-/// JSON line per tagging, `{"id": "i-...", "tags": {...}}`, later lines winning. Written by
-/// one thread, in batches: a burst of 200 assignments is a few `write`s to one open file,
-/// where a file per instance cost a `write` each (and opening and closing beyond 512 open
-/// files), 3 ms of the burst's p99 (BENCHMARKS.md). A line is written before its tagging is
-/// reported done, so an owner is on disk before the caller hears of the assignment.
+/// JSON line per tagging, `{"id": "i-...", "tags": {...}}`, later lines winning. A line is on
+/// disk before its tagging is reported done, so an owner is recorded before the caller hears
+/// of the assignment.
+///
+/// Written by group commit: the first caller to find nobody writing becomes the writer and
+/// appends, in one `write`, everything queued by then, and again until the queue is empty;
+/// the others wait for their outcome. The write is a small append to an open file, done in
+/// place like a log line. Why: a file per instance cost a `write` each, and a writer thread of
+/// its own was not scheduled for 1.3 ms while a burst of assignments kept both cores busy
+/// (BENCHMARKS.md).
 ///
 /// Lines of instances that are gone stay until the journal is compacted: at start, and when
 /// it grows past [`COMPACT_AFTER`] lines, it is rewritten beside and renamed in, with each
 /// live instance's tags on one line.
 struct Journal {
+    /// Taggings waiting to be written, and whether a caller is writing now.
+    queue: Mutex<(Vec<Tagging>, bool)>,
+    /// Locked by the one caller writing (and at start).
+    file: Mutex<JournalFile>,
+}
+
+struct JournalFile {
     path: PathBuf,
     file: std::fs::File,
     /// Lines in the file.
@@ -225,18 +223,48 @@ impl Journal {
     /// compacts it.
     fn open(state_dir: &Path, mirror: Mirror) -> io::Result<Self> {
         let path = journal_path(state_dir);
-        let file = Self::append_to(&path)?;
-        let mut journal = Self {
+        let file = JournalFile::append_to(&path)?;
+        let mut file = JournalFile {
             path,
             file,
             lines: 0,
             torn: false,
             mirror,
         };
-        journal.compact()?;
-        Ok(journal)
+        file.compact()?;
+        Ok(Self {
+            queue: Mutex::new((Vec::new(), false)),
+            file: Mutex::new(file),
+        })
     }
 
+    /// Queues a tagging and, when nobody is writing, writes until the queue is empty. Never
+    /// awaits: a caller that begins writing finishes.
+    fn tag(&self, tagging: Tagging) {
+        let lead = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.0.push(tagging);
+            !std::mem::replace(&mut queue.1, true)
+        };
+        if !lead {
+            return;
+        }
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let batch = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.0.is_empty() {
+                    queue.1 = false;
+                    return;
+                }
+                std::mem::take(&mut queue.0)
+            };
+            file.commit(batch);
+        }
+    }
+}
+
+impl JournalFile {
     fn append_to(path: &Path) -> io::Result<std::fs::File> {
         std::fs::OpenOptions::new()
             .create(true)
@@ -704,15 +732,13 @@ impl Provider for ProcessProvider {
         id: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), ProviderError> {
-        // Off the async workers, by the one tag writer, with whatever else is waiting.
-        let stopped = || ProviderError::Other("the tag writer has stopped".into());
+        let stopped = || ProviderError::Other(format!("the tags of {id} were not written"));
         let (done, reply) = tokio::sync::oneshot::channel();
-        let tagging = Tagging {
+        self.journal.tag(Tagging {
             id: id.clone(),
             tags: tags.to_vec(),
             done,
-        };
-        self.tagger.send(tagging).map_err(|_| stopped())?;
+        });
         reply.await.map_err(|_| stopped())?
     }
 
