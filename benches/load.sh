@@ -11,8 +11,8 @@
 #   2. WebSockets: $WS_SOCKETS sockets through rstudio-pool, nginx and configurable-http-proxy
 #      to the demo workspace's echo, each sending one small message a second for $WS_SECONDS s.
 #   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
-#      ready instances warm, $API_ROUNDS times (the pool refills in between), each after the
-#      same burst against GET /healthz: the floor of HTTP on these cores.
+#      ready instances warm, $API_ROUNDS times after $API_WARMUP warm-up burst not counted (the pool
+#      refills in between), each after the same burst against GET /healthz: the floor of HTTP on these cores.
 # Prints one table per part; figures are ratios to nginx measured in the same run.
 #
 #   benches/load.sh                          # everything, about 6 minutes
@@ -32,6 +32,7 @@ WS_SOCKETS="${WS_SOCKETS:-1000 10000}"
 WS_SECONDS="${WS_SECONDS:-30}"
 API_CALLERS="${API_CALLERS:-200}"
 API_ROUNDS="${API_ROUNDS:-5}"
+API_WARMUP="${API_WARMUP:-1}"
 PARTS="${PARTS:-http instr ws api}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
@@ -361,7 +362,7 @@ if [[ " $PARTS " == *" api "* ]]; then
   API2=$(port); PROXY2=$(port)
   sed -e "s#127.0.0.1:$API#127.0.0.1:$API2#; s#127.0.0.1:$PROXY#127.0.0.1:$PROXY2#; s#state_dir: $WORK/state#state_dir: $WORK/state-api#" \
       "$WORK/bench.yaml" > "$WORK/api.yaml"
-  python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-$(( API_CALLERS * (API_ROUNDS + 1) ))}" <<'EOF'
+  python3 - "$WORK/api.yaml" "$API_CALLERS" "${API_MAX:-$(( API_CALLERS * (API_ROUNDS + API_WARMUP + 1) ))}" <<'EOF'
 import sys
 path, n = sys.argv[1], sys.argv[2]
 cap = sys.argv[3]
@@ -375,10 +376,10 @@ EOF
     curl -sf -X POST "http://127.0.0.1:$API2/" -d '{"command":"GET_STATUS","payload":{}}' | json 'v["pools"]["rstudio"]["freeReady"]' || echo 0
   }
   echo
-  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free ready instances warm (process provider), $API_ROUNDS rounds; the floor is the same burst of GET /healthz just before"
+  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free ready instances warm (process provider), $API_ROUNDS rounds after $API_WARMUP warm-up round(s) not counted (a long-running server's first burst also pays for its first 200 connections); the floor is the same burst of GET /healthz just before"
   cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
   p99s=(); floors=()
-  for round in $(seq 1 "$API_ROUNDS"); do
+  for round in $(seq $(( 1 - API_WARMUP )) "$API_ROUNDS"); do
     for _ in $(seq 1 600); do
       ready=$(free_ready)
       [ "$ready" -ge "$API_CALLERS" ] && break
@@ -397,6 +398,10 @@ EOF
     ticks_before=$(cpu_ticks "$API_PID")
     result=$("$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
     ticks=$(( $(cpu_ticks "$API_PID") - ticks_before ))
+    if [ "$round" -lt 1 ]; then
+      echo "warm-up: $result; floor p99 $(echo "$floor" | json 'v["p99_ms"]') ms"
+      continue
+    fi
     echo "round $round: $result; floor p99 $(echo "$floor" | json 'v["p99_ms"]') ms; rstudio-pool CPU over the load program (warm-up included): $(calc "$ticks * 1000 / $(getconf CLK_TCK)") ms"
     p99s+=("$(echo "$result" | json 'v["p99_ms"]')")
     floors+=("$(echo "$floor" | json 'v["p99_ms"]')")

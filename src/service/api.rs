@@ -68,7 +68,7 @@ impl CommandApi {
             }
         }
         match (method, path) {
-            (b"GET", "/healthz") => Route::Answer((
+            (b"GET" | b"HEAD", "/healthz") => Route::Answer((
                 StatusCode::OK,
                 json!({"status": "ok", "recovered": self.manager.is_recovered()}),
             )),
@@ -370,7 +370,8 @@ impl ApiServer {
         let (Some(method), Some(1), Some(target)) = (req.method, req.version, req.path) else {
             return Some(Plan::Pingora);
         };
-        if !plain_target(target) {
+        // Other methods (`HEAD` answers without its body) are Pingora's to answer.
+        if !matches!(method, "GET" | "POST") || !plain_target(target) {
             return Some(Plan::Pingora);
         }
         let (mut body_len, mut close, mut authorization) = (None, false, None);
