@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use http::{Response, StatusCode};
 use pingora_core::apps::http_app::ServeHttp;
-use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::apps::ServerApp;
 use pingora_core::protocols::http::date::get_cached_date;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
@@ -26,7 +26,7 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use serde_json::{json, Map, Value};
 
-use super::edge::{KEEPALIVE, MAX_HEADERS};
+use super::edge::MAX_HEADERS;
 use super::forward::{length, plain_target, Connection};
 use super::manager::{ManagerError, PoolManager};
 use crate::config::DEFAULT_PURPOSE;
@@ -342,16 +342,9 @@ impl ApiServer {
                     }
                 }
                 Plan::Pingora => {
-                    let mut session = ServerSession::new_http1(conn.hand_over());
-                    session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE.as_secs()));
-                    let Some(reused) = self.api.process_new_http(session, shutdown).await else {
+                    if !conn.through_pingora(&self.api, shutdown).await {
                         return;
-                    };
-                    let (stream, _) = reused.consume();
-                    let Ok(client) = stream.into_any().downcast::<L4Stream>() else {
-                        return;
-                    };
-                    conn.take_back(client);
+                    }
                 }
             }
         }

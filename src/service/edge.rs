@@ -19,8 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerApp, ServerApp};
-use pingora_core::protocols::http::ServerSession;
+use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
@@ -86,16 +85,9 @@ impl Edge {
                 Plan::Pingora => {}
             }
             // Pingora answers this one request, from the bytes we read.
-            let mut session = ServerSession::new_http1(conn.hand_over());
-            session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE.as_secs()));
-            let Some(reused) = self.http.process_new_http(session, shutdown).await else {
+            if !conn.through_pingora(&self.http, shutdown).await {
                 return;
-            };
-            let (stream, _) = reused.consume();
-            let Ok(client) = stream.into_any().downcast::<L4Stream>() else {
-                return;
-            };
-            conn.take_back(client);
+            }
         }
     }
 

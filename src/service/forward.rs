@@ -12,8 +12,11 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use pingora_core::apps::HttpServerApp;
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -218,8 +221,29 @@ impl Connection {
         Some((self.client.as_deref_mut()?, &self.input))
     }
 
+    /// Hands the request at the front to Pingora's HTTP server `app` for that one request
+    /// (the bytes we read put back in front of the stream), and takes the connection back
+    /// afterwards: `false` when Pingora closed it.
+    pub async fn through_pingora<A: HttpServerApp>(
+        &mut self,
+        app: &Arc<A>,
+        shutdown: &ShutdownWatch,
+    ) -> bool {
+        let mut session = ServerSession::new_http1(self.hand_over());
+        session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE.as_secs()));
+        let Some(reused) = app.process_new_http(session, shutdown).await else {
+            return false;
+        };
+        let (stream, _) = reused.consume();
+        let Ok(client) = stream.into_any().downcast::<L4Stream>() else {
+            return false;
+        };
+        self.client = Some(client);
+        true
+    }
+
     /// The client's stream with what we read of it put back in front, for Pingora.
-    pub fn hand_over(&mut self) -> Stream {
+    fn hand_over(&mut self) -> Stream {
         let mut client = self
             .client
             .take()
@@ -227,11 +251,6 @@ impl Connection {
         client.rewind(&self.input);
         self.input.clear();
         client
-    }
-
-    /// The client's stream back from Pingora, for the next request.
-    pub fn take_back(&mut self, client: Box<L4Stream>) {
-        self.client = Some(client);
     }
 
     /// Carries the planned request (`out` holds its rewritten head) to the workspace and
