@@ -242,17 +242,22 @@ impl Journal {
     /// awaits: a caller that begins writing finishes.
     fn tag(&self, tagging: Tagging) {
         let lead = {
-            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.lock_queue();
             queue.0.push(tagging);
             !std::mem::replace(&mut queue.1, true)
         };
         if !lead {
             return;
         }
+        // Should a write panic, the flag must not stay set: every later tagging would wait
+        // for a writer that never comes. The next caller writes instead.
+        let _turn = Turn(self);
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let batch = {
-                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut queue = self.lock_queue();
+                // Emptiness and the flag are settled under the lock that callers queue
+                // under, so nothing queued is left without a writer.
                 if queue.0.is_empty() {
                     queue.1 = false;
                     return;
@@ -260,6 +265,21 @@ impl Journal {
                 std::mem::take(&mut queue.0)
             };
             file.commit(batch);
+        }
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, (Vec<Tagging>, bool)> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A writer's turn; hands the turn back if the writer panics.
+struct Turn<'a>(&'a Journal);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock_queue().1 = false;
         }
     }
 }
@@ -951,20 +971,25 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn tags_set_are_on_disk_when_reported_and_survive_a_restart() {
         let dir = folder_with(&[A, B]);
         let p = provider(dir.path());
         let id = InstanceId::parse(A).unwrap();
         let owner = vec![("userId".to_owned(), "ana".to_owned())];
-        // Many at once: they go out in batches, and each is reported.
-        let all = (0..50).map(|n| {
+        // Many at once from four threads: whoever finds nobody writing writes for the others,
+        // and each is reported.
+        let all = (0..200).map(|n| {
             let (p, id) = (p.clone(), id.clone());
             let tags = vec![("n".to_owned(), n.to_string())];
-            async move { p.set_tags(&id, &tags).await }
+            tokio::spawn(async move { p.set_tags(&id, &tags).await })
         });
-        for outcome in futures_util::future::join_all(all).await {
-            outcome.unwrap();
+        let outcomes =
+            tokio::time::timeout(Duration::from_secs(10), futures_util::future::join_all(all))
+                .await
+                .expect("every tagging is reported");
+        for outcome in outcomes {
+            outcome.unwrap().unwrap();
         }
         p.set_tags(&id, &owner).await.unwrap();
         let unknown = InstanceId::parse(GONE).unwrap();
@@ -973,13 +998,70 @@ mod tests {
             Err(ProviderError::NotFound(_))
         ));
         assert_eq!(tag(&p, A, "userId").as_deref(), Some("ana"));
+        // One line each, none lost or doubled.
+        let journal = std::fs::read_to_string(journal_path(dir.path())).unwrap();
+        assert_eq!(journal.lines().count(), 201);
         // Read back by a provider of a later run, before this one is gone.
         let again = provider(dir.path());
         assert_eq!(tag(&again, A, "userId").as_deref(), Some("ana"));
         assert_eq!(tag(&again, B, "userId"), None);
-        // The next run compacted the 51 lines into one.
+        // The next run compacted the 201 lines into one.
         let compacted = std::fs::read_to_string(journal_path(dir.path())).unwrap();
         assert_eq!(compacted.lines().count(), 1, "{compacted}");
+    }
+
+    /// A tagging queued while the writer is in the middle of a write is written by that
+    /// writer before it gives up its turn.
+    #[test]
+    fn a_tagging_queued_during_a_write_is_written_by_the_writer() {
+        let dir = folder_with(&[A]);
+        let mirror: Mirror = Arc::new(Mutex::new(read_state(dir.path())));
+        let journal = Arc::new(Journal::open(dir.path(), Arc::clone(&mirror)).unwrap());
+        let tagging = |n: &str| {
+            let (done, reply) = tokio::sync::oneshot::channel();
+            let tags = vec![("n".to_owned(), n.to_owned())];
+            let id = InstanceId::parse(A).unwrap();
+            (Tagging { id, tags, done }, reply)
+        };
+        let (first, first_reply) = tagging("1");
+        let (second, second_reply) = tagging("2");
+        // The writer of the first will wait for the mirror after its write.
+        let held = lock_mirror(&mirror);
+        let writer = {
+            let journal = Arc::clone(&journal);
+            std::thread::spawn(move || journal.tag(first))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (queued, writing) = {
+                let queue = journal.lock_queue();
+                (queue.0.len(), queue.1)
+            };
+            if queued == 0 && writing {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never took its batch"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Queued behind the write in progress: this caller does not write.
+        journal.tag(second);
+        drop(held);
+        writer.join().unwrap();
+        let outcome = |reply: tokio::sync::oneshot::Receiver<_>| {
+            let waited = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), reply).await });
+            waited.expect("reported").expect("written")
+        };
+        outcome(first_reply).unwrap();
+        outcome(second_reply).unwrap();
+        let journal = std::fs::read_to_string(journal_path(dir.path())).unwrap();
+        assert_eq!(journal.lines().count(), 2, "{journal}");
     }
 
     #[test]
