@@ -13,6 +13,7 @@
 #   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
 #      ready instances warm, $API_ROUNDS times after $API_WARMUP warm-up burst not counted (the pool
 #      refills in between), each after the same burst against GET /healthz: the floor of HTTP on these cores.
+#      The server runs on one core and the callers on the other (API_PIN=0: both anywhere).
 # Prints one table per part; figures are ratios to nginx measured in the same run.
 #
 #   benches/load.sh                          # everything, about 6 minutes
@@ -33,6 +34,9 @@ WS_SECONDS="${WS_SECONDS:-30}"
 API_CALLERS="${API_CALLERS:-200}"
 API_ROUNDS="${API_ROUNDS:-5}"
 API_WARMUP="${API_WARMUP:-1}"
+# The assignment part pins the server to one core and the callers to the other, as callers on
+# other machines would be; API_PIN=0 lets the scheduler place both.
+API_PIN="${API_PIN:-1}"
 PARTS="${PARTS:-http instr ws api}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
@@ -369,14 +373,18 @@ cap = sys.argv[3]
 text = open(path).read().replace("  rstudio:\n    min_free_instances: 0", f"  rstudio:\n    min_free_instances: {n}\n    max_instances: {cap}")
 open(path, "w").write(text)
 EOF
-  RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
+  server_pin=(); caller_pin=()
+  if [ "$API_PIN" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+    server_pin=(taskset -c 0); caller_pin=(taskset -c 1)
+  fi
+  RUST_LOG=warn "${server_pin[@]}" "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
   API_PID=$!; PIDS+=("$API_PID")
   wait_port "$API2"
   free_ready() {
     curl -sf -X POST "http://127.0.0.1:$API2/" -d '{"command":"GET_STATUS","payload":{}}' | json 'v["pools"]["rstudio"]["freeReady"]' || echo 0
   }
   echo
-  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free ready instances warm (process provider), $API_ROUNDS rounds after $API_WARMUP warm-up round(s) not counted (a long-running server's first burst also pays for its first 200 connections); the floor is the same burst of GET /healthz just before"
+  echo "Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free ready instances warm (process provider), $API_ROUNDS rounds after $API_WARMUP warm-up round(s) not counted (a long-running server's first burst also pays for its first 200 connections); the floor is the same burst of GET /healthz just before; ${server_pin[*]:-no pinning}${caller_pin[*]:+ for the server, ${caller_pin[*]} for the callers}"
   cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
   p99s=(); floors=()
   for round in $(seq $(( 1 - API_WARMUP )) "$API_ROUNDS"); do
@@ -387,7 +395,7 @@ EOF
     done
     # Let the last launches settle: the burst, not the refill, is measured.
     sleep 2
-    floor=$(API_LOAD_FLOOR=1 "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
+    floor=$(API_LOAD_FLOOR=1 "${caller_pin[@]}" "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
     sleep 0.5
     if [ "$round" = 1 ] && [ -n "${PROFILE_API:-}" ] && command -v perf >/dev/null; then
       # rstudio-pool alone, from just before the load program until it ends.
@@ -396,7 +404,7 @@ EOF
       sleep 0.5
     fi
     ticks_before=$(cpu_ticks "$API_PID")
-    result=$("$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
+    result=$("${caller_pin[@]}" "$BIN/examples/api_load" "http://127.0.0.1:$API2/" "$API_CALLERS")
     ticks=$(( $(cpu_ticks "$API_PID") - ticks_before ))
     if [ "$round" -lt 1 ]; then
       echo "warm-up: $result; floor p99 $(echo "$floor" | json 'v["p99_ms"]') ms"
