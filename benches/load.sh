@@ -64,12 +64,14 @@ WORK="$(mktemp -d /tmp/rstudio-pool-load.XXXXXX)"
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # The servers first, so that none launches a workspace after the sweep below (one that did
+  # outlived a run of this script).
+  wait 2>/dev/null || true
   # Workspaces started by the process provider run in their own process groups, in folders
   # under $WORK.
   for p in /proc/[0-9]*; do
     case "$(readlink "$p/cwd" 2>/dev/null)" in "$WORK"/*) kill -9 "${p#/proc/}" 2>/dev/null || true ;; esac
   done
-  wait 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
