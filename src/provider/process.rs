@@ -214,6 +214,23 @@ struct JournalLine<'a> {
     tags: BTreeMap<std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>>,
 }
 
+/// Appends one journal line for `id` to `buf`.
+fn encode_line<'a>(
+    buf: &mut Vec<u8>,
+    id: &str,
+    tags: impl Iterator<Item = (&'a String, &'a String)>,
+) -> serde_json::Result<()> {
+    let line = JournalLine {
+        id: id.into(),
+        tags: tags
+            .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+            .collect(),
+    };
+    serde_json::to_writer(&mut *buf, &line)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
 fn journal_path(state_dir: &Path) -> PathBuf {
     state_dir.join("tags.log")
 }
@@ -306,17 +323,14 @@ impl JournalFile {
                         .send(Err(ProviderError::NotFound(tagging.id.clone())));
                     continue;
                 }
-                let line = JournalLine {
-                    id: tagging.id.as_str().into(),
-                    tags: tagging
-                        .tags
-                        .iter()
-                        .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-                        .collect(),
-                };
                 // Strings and a map of strings: encoding cannot fail.
-                if serde_json::to_writer(&mut buf, &line).is_ok() {
-                    buf.push(b'\n');
+                if encode_line(
+                    &mut buf,
+                    tagging.id.as_str(),
+                    tagging.tags.iter().map(|(k, v)| (k, v)),
+                )
+                .is_ok()
+                {
                     taken.push(tagging);
                 }
             }
@@ -375,16 +389,7 @@ impl JournalFile {
             if entry.later.is_empty() {
                 continue;
             }
-            let line = JournalLine {
-                id: id.as_str().into(),
-                tags: entry
-                    .later
-                    .iter()
-                    .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
-                    .collect(),
-            };
-            serde_json::to_writer(&mut buf, &line)?;
-            buf.push(b'\n');
+            encode_line(&mut buf, id, entry.later.iter())?;
             lines += 1;
         }
         let tmp = self.path.with_extension("log.tmp");

@@ -27,7 +27,7 @@ use pingora_core::server::ShutdownWatch;
 use serde_json::{json, Map, Value};
 
 use super::edge::MAX_HEADERS;
-use super::forward::{length, plain_target, Connection};
+use super::forward::{plain_request, Connection, PlainRequest};
 use super::manager::{ManagerError, PoolManager};
 use crate::config::DEFAULT_PURPOSE;
 use crate::core::auth::{bearer, token_matches};
@@ -360,42 +360,26 @@ impl ApiServer {
             Ok(httparse::Status::Partial) => return None,
             Err(_) => return Some(Plan::Pingora),
         };
-        let (Some(method), Some(1), Some(target)) = (req.method, req.version, req.path) else {
+        let Some(PlainRequest {
+            method,
+            target,
+            body_len,
+            close,
+        }) = plain_request(&req)
+        else {
             return Some(Plan::Pingora);
         };
-        // Other methods (`HEAD` answers without its body) are Pingora's to answer.
-        if !matches!(method, "GET" | "POST") || !plain_target(target) {
+        // Other methods (`HEAD` answers without its body) are Pingora's to answer, and so is
+        // a body over the limit (413, and the connection closes with the body unread).
+        if !matches!(method, "GET" | "POST") || body_len > self.api.max_body_bytes {
             return Some(Plan::Pingora);
         }
-        let (mut body_len, mut close, mut authorization) = (None, false, None);
-        for h in req.headers.iter() {
-            let name = h.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                match (body_len, length(h.value)) {
-                    (None, Some(n)) => body_len = Some(n),
-                    _ => return Some(Plan::Pingora),
-                }
-            } else if name.eq_ignore_ascii_case("authorization") {
-                if authorization.is_some() {
-                    return Some(Plan::Pingora);
-                }
-                authorization = Some(h.value);
-            } else if name.eq_ignore_ascii_case("connection") {
-                if h.value.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !h.value.eq_ignore_ascii_case(b"keep-alive") {
-                    return Some(Plan::Pingora);
-                }
-            } else if name.eq_ignore_ascii_case("transfer-encoding")
-                || name.eq_ignore_ascii_case("expect")
-                || name.eq_ignore_ascii_case("upgrade")
-            {
-                return Some(Plan::Pingora);
-            }
-        }
-        let body_len = body_len.unwrap_or(0);
-        if body_len > self.api.max_body_bytes {
-            // Pingora answers 413 and closes: the body stays unread.
+        let mut authorizations = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("authorization"));
+        let authorization = authorizations.next().map(|h| h.value);
+        if authorizations.next().is_some() {
             return Some(Plan::Pingora);
         }
         let path = target.split_once('?').map_or(target, |(p, _)| p);

@@ -539,34 +539,14 @@ pub(super) fn plan(
     client_ip: Option<IpAddr>,
     out: &mut Vec<u8>,
 ) -> Option<Forward> {
-    let (Some(method), Some(1), Some(target)) = (req.method, req.version, req.path) else {
-        return None;
-    };
-    if method == "CONNECT" || !plain_target(target) {
-        return None;
-    }
-    let mut body_len = None;
-    let mut hosts = 0;
-    for h in req.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            if body_len.is_some() {
-                return None;
-            }
-            body_len = Some(length(h.value)?);
-        } else if name.eq_ignore_ascii_case("host") {
-            hosts += 1;
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("expect")
-            || name.eq_ignore_ascii_case("upgrade")
-            || (name.eq_ignore_ascii_case("connection")
-                && !h.value.eq_ignore_ascii_case(b"keep-alive"))
-        {
-            return None;
-        }
-    }
-    let body_len = body_len.unwrap_or(0);
-    if body_len > MAX_BODY || hosts > 1 {
+    let PlainRequest {
+        method,
+        target,
+        body_len,
+        close,
+    } = plain_request(req)?;
+    // `Connection: close` ends the client's connection too; Pingora does that.
+    if close || body_len > MAX_BODY {
         return None;
     }
     let head = RawHead {
@@ -620,9 +600,60 @@ pub(super) fn plan(
     })
 }
 
+/// A request head plain enough to carry without Pingora, as [`plain_request`] read it.
+pub(super) struct PlainRequest<'b> {
+    pub method: &'b str,
+    pub target: &'b str,
+    pub body_len: usize,
+    /// The client sent `Connection: close`.
+    pub close: bool,
+}
+
+/// The edge and the command API carry a request themselves only when it is HTTP/1.1 with an
+/// origin-form target Pingora reads the same way, a body of one valid `Content-Length` (or
+/// none), one `Host` at most, no `Transfer-Encoding`, `Expect` or `Upgrade`, and `Connection`
+/// absent, `keep-alive` or `close`. `None`: Pingora's.
+pub(super) fn plain_request<'b>(req: &httparse::Request<'_, 'b>) -> Option<PlainRequest<'b>> {
+    let (Some(method), Some(1), Some(target)) = (req.method, req.version, req.path) else {
+        return None;
+    };
+    if method == "CONNECT" || !plain_target(target) {
+        return None;
+    }
+    let (mut body_len, mut hosts, mut close) = (None, 0, false);
+    for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            if body_len.is_some() {
+                return None;
+            }
+            body_len = Some(length(h.value)?);
+        } else if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("connection") {
+            if h.value.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if !h.value.eq_ignore_ascii_case(b"keep-alive") {
+                return None;
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("upgrade")
+        {
+            return None;
+        }
+    }
+    (hosts <= 1).then_some(PlainRequest {
+        method,
+        target,
+        body_len: body_len.unwrap_or(0),
+        close,
+    })
+}
+
 /// An origin-form target that `http::Uri` (and so Pingora) reads as we split it: visible
 /// ASCII without a fragment or the characters it refuses.
-pub(super) fn plain_target(target: &str) -> bool {
+fn plain_target(target: &str) -> bool {
     target.starts_with('/')
         && target
             .bytes()
@@ -630,7 +661,7 @@ pub(super) fn plain_target(target: &str) -> bool {
 }
 
 /// A `Content-Length` value: digits only.
-pub(super) fn length(value: &[u8]) -> Option<usize> {
+fn length(value: &[u8]) -> Option<usize> {
     let value = value.trim_ascii();
     if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
         return None;
