@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::core::breaker::BreakerSettings;
 use crate::core::pool::Limits;
 
 /// The embedded default, also shipped as `conf/local.yaml`.
@@ -93,6 +94,8 @@ struct PoolSection {
     max_instances: usize,
     ready_timeout_seconds: u64,
     reconcile_interval_ms: u64,
+    launch_failures_to_pause: u32,
+    launch_pause_seconds: u64,
 }
 
 impl Default for PoolSection {
@@ -103,6 +106,8 @@ impl Default for PoolSection {
             max_instances: 10,
             ready_timeout_seconds: 600,
             reconcile_interval_ms: 1000,
+            launch_failures_to_pause: 3,
+            launch_pause_seconds: 60,
         }
     }
 }
@@ -141,6 +146,8 @@ pub struct Ec2Section {
     pub launch_rate_per_second: Option<f64>,
     pub launch_burst: Option<u32>,
     pub user_data_template: Option<PathBuf>,
+    pub listing_lag_seconds: Option<u64>,
+    pub missing_grace_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +239,8 @@ pub struct Config {
     pub purposes: BTreeMap<String, Purpose>,
     pub ready_timeout: Duration,
     pub reconcile_interval: Duration,
+    /// When launches of a purpose stop after failures, and for how long.
+    pub breaker: BreakerSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +274,10 @@ pub struct Ec2Config {
     pub string_to_replace: Option<String>,
     pub launch_rate_per_second: f64,
     pub launch_burst: u32,
+    /// How far EC2's listings may lag behind a launch.
+    pub listing_lag: Duration,
+    /// How long a known instance may be missing from listings before it is taken for gone.
+    pub missing_grace: Duration,
     /// Rendered user data per purpose (plain text; the provider base64-encodes it).
     pub user_data: BTreeMap<String, String>,
 }
@@ -594,6 +607,20 @@ fn build(
             "must be more than 0 milliseconds",
         ));
     }
+    if file.pool.launch_failures_to_pause == 0 {
+        return Err(invalid(
+            "pool.launch_failures_to_pause",
+            None,
+            "must be at least 1 (failed starts in a row that pause launching)",
+        ));
+    }
+    if file.pool.launch_pause_seconds == 0 {
+        return Err(invalid(
+            "pool.launch_pause_seconds",
+            None,
+            "must be more than 0 seconds",
+        ));
+    }
 
     let api_listen: SocketAddr = file.api.listen.parse().map_err(|_| {
         invalid(
@@ -888,6 +915,19 @@ fn build(
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
         reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
+        breaker: BreakerSettings {
+            failures_to_open: file.pool.launch_failures_to_pause,
+            first_pause_ms: file.pool.launch_pause_seconds.saturating_mul(1000),
+            max_pause_ms: MAX_LAUNCH_PAUSE_MS
+                .max(file.pool.launch_pause_seconds.saturating_mul(1000)),
+            // A probe launch has its readiness timeout and a minute for the launch itself.
+            probe_window_ms: file
+                .pool
+                .ready_timeout_seconds
+                .max(1)
+                .saturating_add(60)
+                .saturating_mul(1000),
+        },
     })
 }
 
@@ -966,6 +1006,15 @@ fn ec2_config(
         }
         user_data.insert(name.clone(), rendered);
     }
+    let listing_lag = section.listing_lag_seconds.unwrap_or(15);
+    let missing_grace = section.missing_grace_seconds.unwrap_or(120);
+    if missing_grace <= listing_lag {
+        return Err(invalid(
+            "provider.ec2.missing_grace_seconds",
+            None,
+            format!("must be longer than provider.ec2.listing_lag_seconds ({listing_lag}), or the pool forgets instances EC2 has not listed yet; several times longer is safe"),
+        ));
+    }
     let address_template = section
         .address_template
         .unwrap_or_else(|| "{private_ip}:{port}".into());
@@ -1001,9 +1050,14 @@ fn ec2_config(
         string_to_replace: string_to_replace.clone(),
         launch_rate_per_second: section.launch_rate_per_second.unwrap_or(1.0).max(0.01),
         launch_burst: section.launch_burst.unwrap_or(5).max(1),
+        listing_lag: Duration::from_secs(listing_lag),
+        missing_grace: Duration::from_secs(missing_grace),
         user_data,
     })
 }
+
+/// The longest pause of launches after failures: an hour.
+const MAX_LAUNCH_PAUSE_MS: u64 = 3_600_000;
 
 /// Double-quotes a word for the user data script, keeping `${INSTANCE_ID}` expandable.
 fn shell_quote(word: &str) -> String {

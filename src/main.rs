@@ -130,6 +130,7 @@ fn main() {
         config.purposes.clone(),
         links,
         config.ready_timeout,
+        config.breaker,
     );
 
     let opt = Opt {

@@ -72,7 +72,7 @@ fn options(s: &Setup, pool: &str, min_free: usize, max: usize) -> Options {
         max,
         pool_name: pool.to_owned(),
         provider_yaml: Some(
-            "provider:\n  kind: ec2\n  ec2:\n    address_template: \"127.0.0.1:{port}\"\n    launch_rate_per_second: 200\n    launch_burst: 100\n"
+            "provider:\n  kind: ec2\n  ec2:\n    address_template: \"127.0.0.1:{port}\"\n    launch_rate_per_second: 200\n    launch_burst: 100\n    listing_lag_seconds: 2\n    missing_grace_seconds: 20\n"
                 .to_owned(),
         ),
         extra_yaml: format!("purposes:\n  rstudio:\n    port: {}\n", s.stand.port),

@@ -6,9 +6,11 @@
 
 pub mod access;
 pub mod auth;
+pub mod breaker;
 pub mod bucket;
 pub mod command;
 pub mod ids;
 pub mod pool;
+pub mod presence;
 pub mod route;
 pub mod token;

@@ -5,7 +5,8 @@
 //!
 //! The invariants of DESIGN.md hold after every call:
 //! - I1: a user holds at most one live instance (or one pending launch);
-//! - I2: an instance gets an owner at most once and keeps it until it is gone;
+//! - I2: an instance gets an owner at most once and keeps it until it is gone, and nobody is
+//!   told an instance is theirs before the provider has recorded it ([`Grant::Recording`]);
 //! - I3: live instances, pending launches included, never exceed `max`;
 //! - I4: [`Pool::top_up`] brings free capacity up to `min_free` as far as `max` allows.
 
@@ -42,6 +43,9 @@ pub enum Phase {
 pub struct Instance {
     pub phase: Phase,
     pub owner: Option<UserId>,
+    /// Whether the provider has recorded the owner (the EC2 tag is written). Until it has, the
+    /// owner is not told the instance is theirs: a restart would see a free instance.
+    pub recorded: bool,
 }
 
 impl Instance {
@@ -60,9 +64,13 @@ pub enum Holding {
 /// The answer to a user's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
-    /// The user already holds this instance.
+    /// The user already holds this instance, and the provider has recorded it.
     Held(InstanceId),
-    /// A free instance was just assigned to the user: record the owner with the provider.
+    /// The user holds this instance, but the provider has not recorded the owner yet: wait
+    /// for the recording under way and answer with its outcome.
+    Recording(InstanceId),
+    /// A free instance was just assigned to the user: record the owner with the provider,
+    /// then call [`Pool::recorded`].
     Assigned(InstanceId),
     /// A launch for this user is under way already: wait for its outcome.
     Pending(Ticket),
@@ -101,6 +109,8 @@ pub struct Census {
     pub free_ready: usize,
     pub free_launching: usize,
     pub pending_launches: usize,
+    /// Launches whose answer was lost: they may have made an instance not listed yet.
+    pub launches_in_doubt: usize,
     pub terminating: usize,
 }
 
@@ -110,6 +120,10 @@ pub struct Pool {
     instances: BTreeMap<InstanceId, Instance>,
     /// Launches decided on but not reported back, with the user each one is for.
     pending: BTreeMap<Ticket, Option<UserId>>,
+    /// Launches whose outcome is unknown (the provider call timed out or its answer was lost):
+    /// the instance may exist without the pool seeing it yet, so each still counts against
+    /// `max` until its instance is found or it is certain there is none (I3).
+    in_doubt: BTreeSet<Ticket>,
     holdings: HashMap<UserId, Holding>,
     /// The free instances by phase: an index over `instances`, so that a request finds one
     /// without looking at every assigned instance (a burst of 200 assignments over 1,400
@@ -125,6 +139,7 @@ impl Pool {
             limits,
             instances: BTreeMap::new(),
             pending: BTreeMap::new(),
+            in_doubt: BTreeSet::new(),
             holdings: HashMap::new(),
             free_ready: BTreeSet::new(),
             free_launching: BTreeSet::new(),
@@ -132,9 +147,9 @@ impl Pool {
         }
     }
 
-    /// Live instances and pending launches: what `max` bounds.
+    /// Live instances, pending launches and launches in doubt: what `max` bounds.
     pub fn live(&self) -> usize {
-        self.instances.len() + self.pending.len()
+        self.instances.len() + self.pending.len() + self.in_doubt.len()
     }
 
     /// Free capacity: unowned instances that are not terminating, and unowned pending launches.
@@ -201,6 +216,7 @@ impl Pool {
     pub fn census(&self) -> Census {
         let mut census = Census {
             pending_launches: self.pending.len(),
+            launches_in_doubt: self.in_doubt.len(),
             ..Census::default()
         };
         for instance in self.instances.values() {
@@ -217,7 +233,14 @@ impl Pool {
     /// A user asks for a workspace. Ready free instances are handed out before launching ones.
     pub fn request(&mut self, user: &UserId) -> Result<Grant, PoolError> {
         match self.holdings.get(user) {
-            Some(Holding::Instance(id)) => return Ok(Grant::Held(id.clone())),
+            Some(Holding::Instance(id)) => {
+                let recorded = self.instances.get(id).is_some_and(|i| i.recorded);
+                return Ok(if recorded {
+                    Grant::Held(id.clone())
+                } else {
+                    Grant::Recording(id.clone())
+                });
+            }
             Some(Holding::Pending(ticket)) => return Ok(Grant::Pending(*ticket)),
             None => {}
         }
@@ -227,7 +250,10 @@ impl Pool {
             .or_else(|| self.free_launching.first())
             .cloned();
         if let Some(id) = free {
-            self.update(&id, |instance| instance.owner = Some(user.clone()))?;
+            self.update(&id, |instance| {
+                instance.owner = Some(user.clone());
+                instance.recorded = false;
+            })?;
             self.holdings
                 .insert(user.clone(), Holding::Instance(id.clone()));
             return Ok(Grant::Assigned(id));
@@ -259,8 +285,20 @@ impl Pool {
         tickets
     }
 
-    /// The provider launched `ticket` as instance `id`. The ticket's user, if any, now holds it.
-    pub fn launched(&mut self, ticket: Ticket, id: InstanceId) -> Result<(), PoolError> {
+    /// The user a pending launch is for, if any.
+    pub fn ticket_owner(&self, ticket: Ticket) -> Option<&UserId> {
+        self.pending.get(&ticket).and_then(Option::as_ref)
+    }
+
+    /// The provider launched `ticket` as instance `id`, with `tagged` as the owner in its
+    /// launch tags. The ticket's user, if any, now holds it; if that user took the launch
+    /// over after it was sent (so `tagged` is not them), the owner still has to be recorded.
+    pub fn launched(
+        &mut self,
+        ticket: Ticket,
+        id: InstanceId,
+        tagged: Option<&UserId>,
+    ) -> Result<(), PoolError> {
         let owner = self
             .pending
             .remove(&ticket)
@@ -269,17 +307,25 @@ impl Pool {
             self.holdings
                 .insert(user.clone(), Holding::Instance(id.clone()));
         }
+        let recorded = owner.is_none() || owner.as_ref() == tagged;
         self.insert(
             id,
             Instance {
                 phase: Phase::Launching,
                 owner,
+                recorded,
             },
         );
         Ok(())
     }
 
-    /// The launch of `ticket` failed. Its user, if any, holds nothing again.
+    /// The provider has recorded the owner of `id`: from now on the owner is told.
+    pub fn recorded(&mut self, id: &InstanceId) -> Result<(), PoolError> {
+        self.update(id, |instance| instance.recorded = true)
+    }
+
+    /// The launch of `ticket` failed, or was called off before it was sent. Its user, if any,
+    /// holds nothing again.
     pub fn launch_failed(&mut self, ticket: Ticket) -> Option<UserId> {
         let owner = self.pending.remove(&ticket).flatten();
         if let Some(user) = &owner {
@@ -288,6 +334,21 @@ impl Pool {
             }
         }
         owner
+    }
+
+    /// The launch of `ticket` failed in a way that may have left an instance behind (the
+    /// provider's answer was lost). Its user, if any, holds nothing again, but the launch keeps
+    /// counting against `max` until [`Self::doubt_resolved`].
+    pub fn launch_in_doubt(&mut self, ticket: Ticket) -> Option<UserId> {
+        let owner = self.launch_failed(ticket);
+        self.in_doubt.insert(ticket);
+        owner
+    }
+
+    /// The instance of a launch in doubt was found (and is about to be adopted), or it is
+    /// certain that there is none.
+    pub fn doubt_resolved(&mut self, ticket: Ticket) -> bool {
+        self.in_doubt.remove(&ticket)
     }
 
     /// The instance answers its readiness probe.
@@ -341,7 +402,14 @@ impl Pool {
             None if self.live() >= self.limits.max => return Adoption::Surplus,
             None => {}
         }
-        self.insert(id, Instance { phase, owner });
+        self.insert(
+            id,
+            Instance {
+                phase,
+                owner,
+                recorded: true,
+            },
+        );
         Adoption::Adopted
     }
 
@@ -357,6 +425,9 @@ impl Pool {
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
         let mut owners = HashMap::new();
         for (id, instance) in &self.instances {
+            if instance.owner.is_none() && !instance.recorded {
+                return Err(format!("{id} has no owner waiting to be recorded"));
+            }
             if let Some(user) = &instance.owner {
                 if instance.phase != Phase::Terminating {
                     if let Some(other) = owners.insert(user.clone(), id.clone()) {
@@ -449,12 +520,30 @@ mod tests {
         let mut p = pool(2, 5);
         let tickets = p.top_up();
         assert_eq!(tickets.len(), 2);
-        p.launched(tickets[0], id(1)).unwrap();
-        p.launched(tickets[1], id(2)).unwrap();
+        p.launched(tickets[0], id(1), None).unwrap();
+        p.launched(tickets[1], id(2), None).unwrap();
         p.mark_ready(&id(2)).unwrap();
         assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(2))));
-        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(2))));
         assert_eq!(p.request(&user(2)), Ok(Grant::Assigned(id(1))));
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn nobody_is_told_an_instance_before_its_owner_is_recorded() {
+        let mut p = pool(1, 3);
+        let tickets = p.top_up();
+        p.launched(tickets[0], id(1), None).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(1))));
+        // A double click while the tag is written waits for that write.
+        assert_eq!(p.request(&user(1)), Ok(Grant::Recording(id(1))));
+        p.recorded(&id(1)).unwrap();
+        assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(1))));
+        // Nor is an instance the user took over while its launch ran, whose launch tags
+        // name nobody.
+        let tickets = p.top_up();
+        assert_eq!(p.request(&user(2)), Ok(Grant::Pending(tickets[0])));
+        p.launched(tickets[0], id(2), None).unwrap();
+        assert_eq!(p.request(&user(2)), Ok(Grant::Recording(id(2))));
         p.check_invariants().unwrap();
     }
 
@@ -466,7 +555,8 @@ mod tests {
         };
         assert_eq!(p.request(&user(1)), Ok(Grant::Pending(ticket)));
         assert_eq!(p.request(&user(2)), Err(PoolError::Full { max: 1 }));
-        p.launched(ticket, id(7)).unwrap();
+        // The launch carried the owner's tag: recorded from the first moment.
+        p.launched(ticket, id(7), Some(&user(1))).unwrap();
         assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(7))));
     }
 
@@ -475,7 +565,8 @@ mod tests {
         let mut p = pool(1, 1);
         let tickets = p.top_up();
         assert_eq!(p.request(&user(1)), Ok(Grant::Pending(tickets[0])));
-        p.launched(tickets[0], id(3)).unwrap();
+        p.launched(tickets[0], id(3), None).unwrap();
+        p.recorded(&id(3)).unwrap();
         assert_eq!(p.request(&user(1)), Ok(Grant::Held(id(3))));
         p.check_invariants().unwrap();
     }
@@ -494,7 +585,7 @@ mod tests {
     fn a_released_instance_is_never_handed_out_again() {
         let mut p = pool(1, 3);
         let t = p.top_up();
-        p.launched(t[0], id(1)).unwrap();
+        p.launched(t[0], id(1), None).unwrap();
         assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(1))));
         assert_eq!(p.release(&id(1)), Ok(Some(user(1))));
         // Still counted until it is gone, and nobody gets it.
@@ -531,8 +622,14 @@ mod tests {
     enum Step {
         Request(usize),
         TopUp,
-        Launched(usize),
+        /// A pending launch ends; whether its launch tags named the ticket's user.
+        Launched(usize, bool),
+        /// The owner of an unrecorded instance is recorded.
+        Recorded(usize),
         LaunchFailed(usize),
+        /// A launch whose answer was lost; then the doubt is resolved.
+        LaunchInDoubt(usize),
+        DoubtResolved(usize),
         Ready(usize),
         Release(usize),
         Forget(usize),
@@ -544,8 +641,11 @@ mod tests {
         prop_oneof![
             4 => (0..12usize).prop_map(Step::Request),
             2 => Just(Step::TopUp),
-            3 => any::<usize>().prop_map(Step::Launched),
+            3 => (any::<usize>(), any::<bool>()).prop_map(|(n, tagged)| Step::Launched(n, tagged)),
+            2 => any::<usize>().prop_map(Step::Recorded),
             1 => any::<usize>().prop_map(Step::LaunchFailed),
+            1 => any::<usize>().prop_map(Step::LaunchInDoubt),
+            1 => any::<usize>().prop_map(Step::DoubtResolved),
             2 => any::<usize>().prop_map(Step::Ready),
             1 => any::<usize>().prop_map(Step::Release),
             1 => any::<usize>().prop_map(Step::Forget),
@@ -580,7 +680,14 @@ mod tests {
                     Step::Request(u) => {
                         let before = p.holding(&user(u)).cloned();
                         match p.request(&user(u)) {
-                            Ok(Grant::Held(i)) => prop_assert_eq!(before, Some(Holding::Instance(i))),
+                            Ok(Grant::Held(i)) => {
+                                prop_assert!(p.instance(&i).is_some_and(|x| x.recorded));
+                                prop_assert_eq!(before, Some(Holding::Instance(i)));
+                            }
+                            Ok(Grant::Recording(i)) => {
+                                prop_assert!(p.instance(&i).is_some_and(|x| !x.recorded));
+                                prop_assert_eq!(before, Some(Holding::Instance(i)));
+                            }
                             Ok(Grant::Pending(t)) => prop_assert!(
                                 before.is_none() || before == Some(Holding::Pending(t))
                             ),
@@ -599,15 +706,36 @@ mod tests {
                         prop_assert!(p.free() >= min_free || p.live() == max,
                             "free {} live {} min {} max {}", p.free(), p.live(), min_free, max);
                     }
-                    Step::Launched(n) => {
+                    Step::Launched(n, tagged) => {
                         if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
                             next_id += 1;
-                            p.launched(t, id(next_id)).unwrap();
+                            let owner = p.ticket_owner(t).cloned().filter(|_| tagged);
+                            p.launched(t, id(next_id), owner.as_ref()).unwrap();
+                        }
+                    }
+                    Step::Recorded(n) => {
+                        let unrecorded: Vec<InstanceId> = p.instances.iter()
+                            .filter(|(_, i)| !i.recorded)
+                            .map(|(i, _)| i.clone()).collect();
+                        if let Some(i) = nth(unrecorded, n) {
+                            p.recorded(&i).unwrap();
                         }
                     }
                     Step::LaunchFailed(n) => {
                         if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
                             p.launch_failed(t);
+                        }
+                    }
+                    Step::LaunchInDoubt(n) => {
+                        if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
+                            let live = p.live();
+                            p.launch_in_doubt(t);
+                            prop_assert_eq!(p.live(), live, "a launch in doubt stops counting");
+                        }
+                    }
+                    Step::DoubtResolved(n) => {
+                        if let Some(t) = nth(p.in_doubt.iter().copied().collect(), n) {
+                            p.doubt_resolved(t);
                         }
                     }
                     Step::Ready(n) => {

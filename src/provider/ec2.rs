@@ -6,7 +6,7 @@
 //! endpoint come from aws-config's default chain (`AWS_REGION`/`REGION`, `AWS_ENDPOINT_URL`).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
@@ -21,16 +21,23 @@ use log::{info, warn};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{
-    InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_NAME, TAG_POOL,
-    TAG_PURPOSE,
+    Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_NAME,
+    TAG_POOL, TAG_PURPOSE,
 };
 use crate::config::{Ec2Config, Purpose};
 use crate::core::bucket::TokenBucket;
 use crate::core::ids::InstanceId;
 use crate::provider::process::now_ms;
 
-/// How often one launch is retried on a transient error with the same client token.
-const LAUNCH_ATTEMPTS: u32 = 3;
+/// How long one launch may take, every retry with its client token included. A launch that
+/// has not answered by then is given up; if its answer was lost, the pool counts it as a
+/// launch in doubt until its instance is listed or `LAUNCH_DEADLINE` plus the listing lag
+/// has passed.
+const LAUNCH_DEADLINE: Duration = Duration::from_secs(30);
+/// EC2's largest page of `DescribeInstances`.
+const PAGE_SIZE: i32 = 1000;
+/// EC2 takes at most 200 values in one filter.
+const FILTER_VALUES: usize = 200;
 
 pub struct Ec2Provider {
     config: Ec2Config,
@@ -115,6 +122,9 @@ impl Ec2Provider {
         let state = match instance.state().and_then(|s| s.name()) {
             Some(InstanceStateName::Pending) => ProviderState::Pending,
             Some(InstanceStateName::Running) => ProviderState::Running,
+            Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => {
+                ProviderState::Terminated
+            }
             _ => ProviderState::Stopped,
         };
         let port = tags
@@ -130,6 +140,10 @@ impl Ec2Provider {
                 .map(|ms| ms.max(0) as u64)
                 .unwrap_or_else(now_ms),
             key_name: instance.key_name().map(str::to_owned),
+            client_token: instance
+                .client_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned),
             id,
             state,
             tags,
@@ -186,7 +200,7 @@ where
             " (the pool's IAM role lacks a permission: see deploy/iam-policy.json)"
         }
         "InsufficientInstanceCapacity" | "InstanceLimitExceeded" | "VcpuLimitExceeded" => {
-            " (AWS has no capacity or quota for IMAGE_TYPE here now: it is retried with backoff; consider another instance type or subnet)"
+            " (AWS has no capacity or quota for IMAGE_TYPE here now: warm-up launches back off, and pause after repeated failures; consider another instance type or subnet)"
         }
         "RequestLimitExceeded" => " (EC2 API throttling: lower provider.ec2.launch_rate_per_second)",
         _ => "",
@@ -198,20 +212,38 @@ where
     }
 }
 
-/// Errors worth retrying with the same client token.
-fn is_transient<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+/// Whether EC2 may have carried out a call whose answer is this error: the call timed out,
+/// the connection broke, the answer could not be read, or EC2 failed on its side.
+fn outcome_unknown<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     match err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => true,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
         SdkError::ServiceError(_) => matches!(
             err.code(),
-            Some(
-                "InsufficientInstanceCapacity"
-                    | "RequestLimitExceeded"
-                    | "InternalError"
-                    | "Unavailable"
-            )
+            Some("InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable")
         ),
         _ => false,
+    }
+}
+
+/// Errors worth trying again: throttling, capacity, and every error whose outcome is unknown.
+fn is_transient<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    outcome_unknown(err) || matches!(err.code(), Some("RequestLimitExceeded" | "Throttling"))
+}
+
+/// A failed call on one instance as the pool reads it: unknown to EC2 (which, just after a
+/// launch, says nothing about whether it exists), worth trying again, or a mistake to fix.
+fn instance_error<E>(what: &str, id: &InstanceId, err: SdkError<E>) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if err.code() == Some("InvalidInstanceID.NotFound") {
+        ProviderError::NotFound(id.clone())
+    } else if is_transient(&err) {
+        ProviderError::Unavailable(explain(what, err))
+    } else {
+        ProviderError::Other(explain(what, err))
     }
 }
 
@@ -221,16 +253,28 @@ impl Provider for Ec2Provider {
         "ec2"
     }
 
+    fn consistency(&self) -> Consistency {
+        Consistency {
+            listing_lag: self.config.listing_lag,
+            missing_grace: self.config.missing_grace,
+        }
+    }
+
+    fn launch_deadline(&self) -> Duration {
+        LAUNCH_DEADLINE
+    }
+
     async fn launch(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
-        let fail = |reason: String| ProviderError::Launch {
+        let fail = |reason: String, in_doubt: bool| ProviderError::Launch {
             purpose: spec.purpose.clone(),
             reason,
+            in_doubt,
         };
         let user_data = self.config.user_data.get(&spec.purpose).ok_or_else(|| {
-            fail(format!(
-                "no user data is configured for purpose `{}`",
-                spec.purpose
-            ))
+            fail(
+                format!("no user data is configured for purpose `{}`", spec.purpose),
+                false,
+            )
         })?;
         let mut tags = vec![
             Self::tag(TAG_PURPOSE, &spec.purpose),
@@ -238,8 +282,6 @@ impl Provider for Ec2Provider {
             Self::tag(TAG_NAME, &format!("{}-{}", self.pool_name, spec.purpose)),
         ];
         tags.extend(spec.tags.iter().map(|(k, v)| Self::tag(k, v)));
-        // One token for every attempt of this launch: EC2 makes at most one instance of it.
-        let client_token = format!("{}-{:016x}", self.pool_name, rand::random::<u64>());
         let (image_id, instance_type) =
             self.machines
                 .get(&spec.purpose)
@@ -258,7 +300,8 @@ impl Provider for Ec2Provider {
             .instance_type(InstanceType::from(instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(&client_token)
+            // One token for every attempt of this launch: EC2 makes at most one instance of it.
+            .client_token(&spec.client_token)
             .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
@@ -290,28 +333,47 @@ impl Provider for Ec2Provider {
             };
             request = request.iam_instance_profile(spec);
         }
-        let mut attempt = 0;
+        // Retries reuse the token, so they make no second instance and take no launch slot.
+        self.wait_for_launch_slot().await;
+        let deadline = Instant::now() + LAUNCH_DEADLINE;
+        let mut in_doubt = false;
+        let mut attempt: u32 = 0;
         let output = loop {
             attempt += 1;
-            self.wait_for_launch_slot().await;
-            match request.clone().send().await {
-                Ok(output) => break output,
-                Err(e) if attempt < LAUNCH_ATTEMPTS && is_transient(&e) => {
-                    warn!(
-                        "{}; retrying with the same client token",
-                        explain("RunInstances", e)
-                    );
-                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let error = match tokio::time::timeout(left, request.clone().send()).await {
+                Ok(Ok(output)) => break output,
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(fail(
+                        format!(
+                            "RunInstances did not answer within {} s",
+                            LAUNCH_DEADLINE.as_secs()
+                        ),
+                        true,
+                    ))
                 }
-                Err(e) => return Err(fail(explain("RunInstances", e))),
+            };
+            in_doubt |= outcome_unknown(&error);
+            let backoff = Duration::from_millis(250 * u64::from(attempt.min(8)));
+            if !is_transient(&error) || Instant::now() + backoff >= deadline {
+                return Err(fail(explain("RunInstances", error), in_doubt));
             }
+            warn!(
+                "{}; retrying with the same client token",
+                explain("RunInstances", error)
+            );
+            tokio::time::sleep(backoff).await;
         };
         let instance = output
             .instances()
             .first()
-            .ok_or_else(|| fail("RunInstances answered without an instance".into()))?;
+            .ok_or_else(|| fail("RunInstances answered without an instance".into(), true))?;
         let record = self.record(instance).ok_or_else(|| {
-            fail("RunInstances answered with an instance without a valid id".into())
+            fail(
+                "RunInstances answered with an instance without a valid id".into(),
+                true,
+            )
         })?;
         info!("launched {} ({}) from {image_id}", record.id, spec.purpose);
         Ok(record)
@@ -341,11 +403,10 @@ impl Provider for Ec2Provider {
                 .describe_instances()
                 .set_filters(Some(filters.clone()))
                 .set_next_token(next_token)
-                // Small pages, so that paging is exercised by any pool over 50 instances.
-                .max_results(50)
+                .max_results(PAGE_SIZE)
                 .send()
                 .await
-                .map_err(|e| ProviderError::Other(explain("DescribeInstances", e)))?;
+                .map_err(|e| listing_error("DescribeInstances", e))?;
             for reservation in page.reservations() {
                 for instance in reservation.instances() {
                     match self.record(instance) {
@@ -367,6 +428,51 @@ impl Provider for Ec2Provider {
         }
     }
 
+    async fn lookup(&self, ids: &[InstanceId]) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let client = self.client().await;
+        let mut records = Vec::new();
+        // A filter, not `InstanceIds`: EC2 fails the whole call if one id is unknown to it.
+        for chunk in ids.chunks(FILTER_VALUES) {
+            let filters = vec![
+                Filter::builder()
+                    .name(format!("tag:{TAG_POOL}"))
+                    .values(&self.pool_name)
+                    .build(),
+                Filter::builder()
+                    .name("instance-id")
+                    .set_values(Some(chunk.iter().map(|i| i.as_str().to_owned()).collect()))
+                    .build(),
+            ];
+            let mut next_token = None;
+            loop {
+                let page = client
+                    .describe_instances()
+                    .set_filters(Some(filters.clone()))
+                    .set_next_token(next_token)
+                    .max_results(PAGE_SIZE)
+                    .send()
+                    .await
+                    .map_err(|e| listing_error("DescribeInstances", e))?;
+                for reservation in page.reservations() {
+                    records.extend(
+                        reservation
+                            .instances()
+                            .iter()
+                            .filter_map(|i| self.record(i)),
+                    );
+                }
+                next_token = page
+                    .next_token()
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned);
+                if next_token.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(records)
+    }
+
     async fn set_tags(
         &self,
         id: &InstanceId,
@@ -380,30 +486,30 @@ impl Provider for Ec2Provider {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| {
-                if e.code() == Some("InvalidInstanceID.NotFound") {
-                    ProviderError::NotFound(id.clone())
-                } else {
-                    ProviderError::Other(explain("CreateTags", e))
-                }
-            })
+            .map_err(|e| instance_error("CreateTags", id, e))
     }
 
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        match self
-            .client()
+        self.client()
             .await
             .terminate_instances()
             .instance_ids(id.as_str())
             .send()
             .await
-        {
-            Ok(_) => {
-                info!("terminated {id}");
-                Ok(())
-            }
-            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
-            Err(e) => Err(ProviderError::Other(explain("TerminateInstances", e))),
-        }
+            .map_err(|e| instance_error("TerminateInstances", id, e))?;
+        info!("terminated {id}");
+        Ok(())
+    }
+}
+
+/// A failed listing: worth trying again, or a mistake to fix.
+fn listing_error<E>(what: &str, err: SdkError<E>) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if is_transient(&err) {
+        ProviderError::Unavailable(explain(what, err))
+    } else {
+        ProviderError::Other(explain(what, err))
     }
 }

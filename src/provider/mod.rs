@@ -9,6 +9,7 @@ pub mod ec2;
 pub mod process;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -35,6 +36,10 @@ pub struct LaunchSpec {
     /// Tags beyond those every instance gets (purpose, pool, name): the owner's, when the
     /// launch is for a user who asked and found no free instance.
     pub tags: Vec<(String, String)>,
+    /// Names this launch at the provider: every retry of it makes at most one instance (EC2's
+    /// `ClientToken`), and the instance carries it, so that a launch whose answer was lost is
+    /// recognised when its instance is listed. At most 64 ASCII characters.
+    pub client_token: String,
 }
 
 /// The provider's view of an instance's life.
@@ -45,6 +50,8 @@ pub enum ProviderState {
     Running,
     /// Any state from which the instance will not serve again (stopping, stopped, ...).
     Stopped,
+    /// Terminated or shutting down: only a lookup by id reports these.
+    Terminated,
 }
 
 /// One instance as the provider reports it.
@@ -59,6 +66,8 @@ pub struct InstanceRecord {
     pub launched_at_ms: u64,
     /// The SSH key pair of an EC2 instance; none for local processes.
     pub key_name: Option<String>,
+    /// The client token of the launch that made it, when the provider keeps it.
+    pub client_token: Option<String>,
 }
 
 impl InstanceRecord {
@@ -83,13 +92,34 @@ impl InstanceRecord {
     }
 }
 
+/// How far a provider's listings may be behind its launches and terminations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Consistency {
+    /// An instance launched this long ago is listed (and can be tagged and terminated).
+    pub listing_lag: Duration,
+    /// A known instance missing from listings this long, and not confirmed gone by a lookup,
+    /// is gone. Zero: a listing that misses an instance is the truth.
+    pub missing_grace: Duration,
+}
+
 /// Why a provider call failed, in words that say what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
+    /// The launch failed. `in_doubt`: its answer was lost (a timeout, a dropped connection, a
+    /// server error), so an instance may exist all the same.
     #[error("could not launch a {purpose} instance: {reason}")]
-    Launch { purpose: String, reason: String },
+    Launch {
+        purpose: String,
+        reason: String,
+        in_doubt: bool,
+    },
+    /// The provider does not know the instance. On a provider whose listings lag this is not
+    /// proof that it is gone: EC2 says so of an instance launched seconds ago.
     #[error("instance {0} does not exist at the provider")]
     NotFound(InstanceId),
+    /// Throttled, a server error, a timeout or a dropped connection: worth trying again.
+    #[error("the provider is unavailable for now: {0}")]
+    Unavailable(String),
     #[error("the provider failed: {0}")]
     Other(String),
 }
@@ -99,12 +129,30 @@ pub trait Provider: Send + Sync {
     /// A short name for logs (`process`, `ec2`).
     fn kind(&self) -> &'static str;
 
+    /// How far the provider's listings may be behind the truth: zero for one whose listings
+    /// are always current.
+    fn consistency(&self) -> Consistency {
+        Consistency::default()
+    }
+
+    /// The longest a launch call may take, retries included: an instance this much younger
+    /// than a launch's answer may still belong to it.
+    fn launch_deadline(&self) -> Duration;
+
     /// Starts an instance tagged with its purpose, the pool and (if given) its owner. The tags
     /// exist from the first moment, so a crash right after leaves a findable instance.
     async fn launch(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError>;
 
     /// Every live instance of this pool (not terminated), with its tags.
     async fn list(&self) -> Result<Vec<InstanceRecord>, ProviderError>;
+
+    /// These instances of this pool as the provider knows them, terminated ones included
+    /// ([`ProviderState::Terminated`]); an instance it does not know is left out. A provider
+    /// whose listings never lag needs no lookup: the default finds nothing.
+    async fn lookup(&self, ids: &[InstanceId]) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let _ = ids;
+        Ok(Vec::new())
+    }
 
     /// Adds or replaces tags of an instance (its owner, its last activity).
     async fn set_tags(
@@ -113,6 +161,8 @@ pub trait Provider: Send + Sync {
         tags: &[(String, String)],
     ) -> Result<(), ProviderError>;
 
-    /// Stops an instance for good. Terminating an instance that is already gone succeeds.
+    /// Stops an instance for good. Terminating an instance that is already gone succeeds, or
+    /// answers [`ProviderError::NotFound`] on a provider whose listings lag (where it may mean
+    /// that the instance is too new to be known yet).
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError>;
 }

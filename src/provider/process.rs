@@ -524,6 +524,7 @@ impl Inner {
         let fail = |reason: String| ProviderError::Launch {
             purpose: spec.purpose.clone(),
             reason,
+            in_doubt: false,
         };
         let template = self.commands.get(&spec.purpose).ok_or_else(|| {
             fail(format!(
@@ -690,6 +691,7 @@ impl Inner {
                     address: None,
                     launched_at_ms: 0,
                     key_name: None,
+                    client_token: None,
                 });
             }
         }
@@ -734,6 +736,11 @@ impl Inner {
 impl Provider for ProcessProvider {
     fn kind(&self) -> &'static str {
         "process"
+    }
+
+    /// A fork and an exec, queued behind other blocking work at worst.
+    fn launch_deadline(&self) -> Duration {
+        Duration::from_secs(30)
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<InstanceRecord, ProviderError> {
@@ -810,6 +817,7 @@ fn to_instance(record: &Record) -> InstanceRecord {
         address: Some(format!("127.0.0.1:{}", record.port)),
         launched_at_ms: record.launched_at_ms,
         key_name: None,
+        client_token: None,
     }
 }
 

@@ -179,13 +179,22 @@ impl CommandApi {
                     Err(e) => manager_error(e),
                 }
             }
-            Command::GetStatus { instance: None } => (
-                StatusCode::OK,
-                json!({
+            // Before the pool is rebuilt after a start, an empty list would read as "nobody
+            // holds an instance": answer 503 like the other commands.
+            Command::GetStatus { .. } if self.manager.wait_recovered().await.is_err() => {
+                manager_error(ManagerError::Recovering)
+            }
+            Command::GetStatus { instance: None } => {
+                let mut answer = json!({
                     "instances": self.manager.assigned(),
                     "pools": self.manager.census(),
-                }),
-            ),
+                });
+                let paused = self.manager.paused_launches();
+                if !paused.is_empty() {
+                    answer["launchesPaused"] = json!(paused);
+                }
+                (StatusCode::OK, answer)
+            }
             Command::GetStatus { instance: Some(id) } => match self.manager.instance(&id) {
                 Some(view) => {
                     let mut out = Map::new();
@@ -241,9 +250,11 @@ fn manager_error(e: ManagerError) -> (StatusCode, Value) {
         ManagerError::Pool(PoolError::Full { .. }) => StatusCode::TOO_MANY_REQUESTS,
         ManagerError::Pool(PoolError::UnknownInstance(_)) => StatusCode::NOT_FOUND,
         ManagerError::Pool(PoolError::UnknownTicket(_)) => StatusCode::SERVICE_UNAVAILABLE,
-        ManagerError::Provider(_) | ManagerError::LaunchFailed(_) | ManagerError::Recovering => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ManagerError::Provider(_)
+        | ManagerError::LaunchFailed(_)
+        | ManagerError::LaunchesPaused(_)
+        | ManagerError::Recording(_)
+        | ManagerError::Recovering => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match &e {
         ManagerError::Pool(PoolError::UnknownInstance(id)) => {

@@ -3,11 +3,24 @@
 //! probes launching instances, retires those that never get ready, and keeps the pool in step
 //! with the provider, the source of truth (I5).
 //!
+//! The provider may be eventually consistent (EC2 is): a new instance can be missing from
+//! listings, and unknown to `CreateTags` and `TerminateInstances`, for seconds after its
+//! launch. So an instance missing from listings is forgotten only once a lookup confirms it
+//! gone or it has been missing for the provider's grace period; an instance the pool does not
+//! know is left alone while it may be one of its own launches in flight; after a start the
+//! pool launches nothing until a listing taken after the provider's lag is in; and a launch
+//! whose answer was lost keeps counting against the maximum until its instance is found.
+//!
+//! Nobody is told an instance is theirs before the provider has recorded the ownership (I2):
+//! a request waits for the tag write under way, however many requests the user sends.
+//! Owner writes and launches run as tasks of their own, so a caller that hangs up stops
+//! neither.
+//!
 //! Locking: one `std::sync::Mutex` over all pools, never held across an `await`. Provider
 //! calls happen outside it; their outcomes are fed back into the pools under it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,18 +31,23 @@ use tokio::sync::{watch, Notify};
 use super::links::UserLinks;
 use super::probe::probe;
 use crate::config::Purpose;
+use crate::core::breaker::{AfterFailure, Breaker, BreakerSettings, Permit, Refusal};
 use crate::core::ids::{InstanceId, UserId};
 use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
+use crate::core::presence::{unknown_is_settled, Grace, Presence, Sighting};
 use crate::provider::process::now_ms;
 use crate::provider::{
-    InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_ASSIGNED_AT,
-    TAG_LAST_ACTIVITY, TAG_USER,
+    Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState,
+    TAG_ASSIGNED_AT, TAG_LAST_ACTIVITY, TAG_USER,
 };
 
-/// How long a caller waits for a launch someone else started for the same user.
-const PENDING_WAIT: Duration = Duration::from_secs(120);
-/// Listings in a row that must miss an instance before the pool believes it is gone.
-const MISSES_BEFORE_GONE: u32 = 3;
+/// How long a caller waits for a launch (its own or one it took over) to answer.
+const LAUNCH_WAIT: Duration = Duration::from_secs(120);
+/// How long a caller waits for the provider to record them as an instance's owner before
+/// being told to ask again (the write goes on, and the instance stays theirs).
+const RECORD_WAIT: Duration = Duration::from_secs(20);
+/// The longest pause between two tries of an owner write.
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Warm-up launches at once: enough to fill a pool quickly, few enough to leave the CPU to
 /// requests (a local launch is a fork and an exec; an EC2 one is paced by its own bucket).
 const WARMUPS_AT_ONCE: usize = 4;
@@ -39,6 +57,8 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
 const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 /// How long a command waits for the pool to be rebuilt from the provider after a start.
 const RECOVERY_WAIT: Duration = Duration::from_secs(20);
+/// Rounds of one request through the pool (a wait ends, the pool is asked again) at most.
+const REQUEST_ROUNDS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -50,6 +70,10 @@ pub enum ManagerError {
     Provider(#[from] ProviderError),
     #[error("the launch of an instance for this user failed: {0}")]
     LaunchFailed(String),
+    #[error("{0}")]
+    LaunchesPaused(String),
+    #[error("instance {0} is being recorded as yours with the provider, which is slow to answer; ask again in a few seconds: you will get the same instance")]
+    Recording(InstanceId),
     #[error(
         "the pool is still being rebuilt from the provider after a start; retry in a few seconds"
     )]
@@ -195,22 +219,59 @@ fn owner_tags(user: &UserId, now: u64) -> Vec<(String, String)> {
     ]
 }
 
+/// A client token for one launch: 32 hex digits, well within EC2's 64 characters whatever
+/// the pool's name.
+fn client_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// How an owner write ended: recorded, or why not, in words for the caller.
+type RecordOutcome = Result<(), String>;
+
+/// A launch whose answer was lost: its instance may turn up in a listing.
+struct Doubt {
+    purpose: String,
+    ticket: Ticket,
+    since_ms: u64,
+}
+
 struct State {
     pools: BTreeMap<String, Pool>,
     known: HashMap<InstanceId, Known>,
-    /// Outcome channels of pending launches, for callers waiting on someone else's launch.
+    /// Outcome channels of pending launches, for callers waiting on a launch.
     waits: HashMap<(String, Ticket), watch::Sender<Option<LaunchOutcome>>>,
-    /// Consecutive failed launches per purpose, for backoff.
-    failures: HashMap<String, u32>,
-    /// No top-up launch of a purpose before this time (ms since the epoch).
-    backoff_until: HashMap<String, u64>,
-    /// Consecutive listings that did not show a known instance. Listings are eventually
-    /// consistent (EC2's are, and a folder read while it changes can skip entries), so an
-    /// instance is forgotten only after several misses in a row.
-    misses: HashMap<InstanceId, u32>,
+    /// Outcome channels of owner writes under way, for callers waiting to be told.
+    recordings: HashMap<InstanceId, watch::Sender<Option<RecordOutcome>>>,
+    /// Launches in doubt, by client token.
+    doubts: HashMap<String, Doubt>,
+    /// The launch breaker of each purpose.
+    breakers: HashMap<String, Breaker>,
+    /// Known instances that listings miss, and since when.
+    presence: Presence,
     /// Instances we terminated, with when: a listing taken just before a termination still
     /// shows them, and they must not be adopted back.
     tombstones: HashMap<InstanceId, u64>,
+    /// This process launches nothing before this time (ms since the epoch): after a start,
+    /// the provider's listings may not show a predecessor's last launches before then.
+    own_launches_from: u64,
+    /// When the last listing taken in was taken.
+    synced_at: u64,
+}
+
+impl State {
+    /// Whether launches may be made: a listing taken once the provider's lag since the start
+    /// had passed has been taken in, so no predecessor's instance is hidden from the count.
+    fn may_launch(&self) -> bool {
+        self.synced_at >= self.own_launches_from
+    }
+
+    /// The owner of `id` in its pool.
+    fn owner(&self, purpose: &str, id: &InstanceId) -> Option<UserId> {
+        self.pools
+            .get(purpose)
+            .and_then(|p| p.instance(id))
+            .and_then(|i| i.owner.clone())
+    }
 }
 
 pub struct PoolManager {
@@ -224,16 +285,18 @@ pub struct PoolManager {
     /// Bumped whenever an instance becomes ready, for callers that wait for it.
     readiness: watch::Sender<u64>,
     ready_timeout: Duration,
+    /// How far the provider's listings lag, and the graces that follow from it.
+    consistency: Consistency,
+    grace: Grace,
     state: Mutex<State>,
     /// Wakes the reconcile loop early (after an assignment or a termination).
     changed: Notify,
     /// True once the pools were rebuilt from the provider after start.
     recovered: watch::Sender<bool>,
+    /// Bumped whenever a listing is taken in, for requests waiting until launches may be made.
+    synced: watch::Sender<u64>,
     /// Warm-up launches under way at once, at most.
     warmups: tokio::sync::Semaphore,
-    /// Provider launches under way; the loop does not adopt unknown instances meanwhile, since
-    /// one of them may be a launch whose result has not been recorded yet.
-    launches_in_flight: AtomicUsize,
 }
 
 impl PoolManager {
@@ -242,11 +305,21 @@ impl PoolManager {
         purposes: BTreeMap<String, Purpose>,
         links: UserLinks,
         ready_timeout: Duration,
+        breaker: BreakerSettings,
     ) -> Arc<Self> {
         let pools = purposes
             .iter()
             .map(|(name, p)| (name.clone(), Pool::new(p.limits)))
             .collect();
+        let breakers = purposes
+            .keys()
+            .map(|name| (name.clone(), Breaker::new(breaker)))
+            .collect();
+        let consistency = provider.consistency();
+        let grace = Grace {
+            missing_ms: consistency.missing_grace.as_millis() as u64,
+            unknown_ms: (provider.launch_deadline() + consistency.listing_lag).as_millis() as u64,
+        };
         Arc::new(Self {
             provider,
             purposes: purposes
@@ -261,18 +334,24 @@ impl PoolManager {
             readiness: watch::channel(0).0,
             links,
             ready_timeout,
+            consistency,
+            grace,
             state: Mutex::new(State {
                 pools,
                 known: HashMap::new(),
                 waits: HashMap::new(),
-                failures: HashMap::new(),
-                backoff_until: HashMap::new(),
-                misses: HashMap::new(),
+                recordings: HashMap::new(),
+                doubts: HashMap::new(),
+                breakers,
+                presence: Presence::default(),
                 tombstones: HashMap::new(),
+                // Nothing may be launched before the first listing is in.
+                own_launches_from: u64::MAX,
+                synced_at: 0,
             }),
             changed: Notify::new(),
             recovered: watch::channel(false).0,
-            launches_in_flight: AtomicUsize::new(0),
+            synced: watch::channel(0).0,
             warmups: tokio::sync::Semaphore::new(WARMUPS_AT_ONCE),
         })
     }
@@ -301,7 +380,9 @@ impl PoolManager {
             })
     }
 
-    async fn wait_recovered(&self) -> Result<(), ManagerError> {
+    /// Waits until the pools were rebuilt from the provider after the start, at most a
+    /// little while; every command answers from the rebuilt pools only.
+    pub async fn wait_recovered(&self) -> Result<(), ManagerError> {
         let mut rx = self.recovered.subscribe();
         let done = matches!(
             tokio::time::timeout(RECOVERY_WAIT, rx.wait_for(|done| *done)).await,
@@ -321,76 +402,203 @@ impl PoolManager {
     // ---- Commands ----
 
     /// `REQUEST_RSTUDIO`: the user's instance of `purpose`, assigning or launching one if they
-    /// hold none. Returns at once; the answer says whether the instance is ready yet.
-    pub async fn request(&self, user: &UserId, purpose: &str) -> Result<Assignment, ManagerError> {
+    /// hold none. Answers once the provider has recorded the user as the owner (for a launch:
+    /// once it answered), without waiting for the workspace to be ready.
+    pub async fn request(
+        self: &Arc<Self>,
+        user: &UserId,
+        purpose: &str,
+    ) -> Result<Assignment, ManagerError> {
         self.purpose(purpose)?;
         self.wait_recovered().await?;
-        let grant = {
-            let mut st = self.lock();
-            let grant = st
-                .pools
-                .get_mut(purpose)
-                .expect("a pool per configured purpose")
-                .request(user)?;
-            if let Grant::Launch(ticket) = grant {
-                st.waits
-                    .insert((purpose.to_owned(), ticket), watch::channel(None).0);
-            }
-            grant
-        };
-        let id = match grant {
-            Grant::Held(id) => id,
-            Grant::Assigned(id) => {
-                let now = now_ms();
-                if let Some(known) = self.lock().known.get_mut(&id) {
-                    known.assigned_at = Some(now);
+        let started = tokio::time::Instant::now();
+        let mut rounds = 0;
+        while rounds < REQUEST_ROUNDS {
+            rounds += 1;
+            match self.grant(user, purpose)? {
+                Some(Grant::Held(id)) => return Ok(self.assignment(&id, user, purpose)),
+                Some(Grant::Recording(id)) => self.wait_recorded(&id).await?,
+                Some(Grant::Assigned(id)) => {
+                    info!("assigning {id} ({purpose}) to {user}");
+                    tokio::spawn(Arc::clone(self).record_owner(id.clone(), user.clone()));
+                    self.wait_recorded(&id).await?;
                 }
-                self.upstreams.invalidate(&id);
-                if let Err(e) = self.provider.set_tags(&id, &owner_tags(user, now)).await {
-                    // Without the tag a restart would see a free instance: never keep it.
-                    error!("cannot record {user} as the owner of {id}: {e}; terminating it");
-                    let _ = self.terminate(&id).await;
-                    return Err(e.into());
+                Some(Grant::Launch(ticket)) => {
+                    tokio::spawn(Arc::clone(self).launch(purpose.to_owned(), ticket, false));
+                    self.wait_for_launch(purpose, ticket).await?;
                 }
-                info!("assigned {id} ({purpose}) to {user}");
-                self.changed.notify_one();
-                id
+                Some(Grant::Pending(ticket)) => self.wait_for_launch(purpose, ticket).await?,
+                None => {
+                    // A launch is needed, but the provider's listings may still hide a
+                    // predecessor's last launches: wait for the next listing.
+                    if started.elapsed() > self.consistency.listing_lag + RECOVERY_WAIT {
+                        return Err(ManagerError::Recovering);
+                    }
+                    rounds -= 1;
+                    let mut synced = self.synced.subscribe();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), synced.changed()).await;
+                }
             }
-            Grant::Launch(ticket) => self
-                .launch(purpose, ticket, Some(user.clone()))
-                .await
-                .map_err(ManagerError::LaunchFailed)?,
-            Grant::Pending(ticket) => self.wait_for_launch(purpose, ticket).await?,
-        };
-        Ok(self.assignment(&id, user, purpose))
+        }
+        Err(ManagerError::LaunchFailed(
+            "the instance changed while this request waited for it; send the request again".into(),
+        ))
     }
 
-    async fn wait_for_launch(
-        &self,
-        purpose: &str,
-        ticket: Ticket,
-    ) -> Result<InstanceId, ManagerError> {
+    /// The pool's answer to `user`, with the bookkeeping it needs: `None` when a launch is
+    /// needed that may not be made yet.
+    fn grant(&self, user: &UserId, purpose: &str) -> Result<Option<Grant>, ManagerError> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let may_launch = st.may_launch();
+        let pool = st.pools.get_mut(purpose).expect("a pool per purpose");
+        let grant = pool.request(user)?;
+        match &grant {
+            Grant::Launch(ticket) => {
+                if !may_launch {
+                    pool.launch_failed(*ticket);
+                    return Ok(None);
+                }
+                let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
+                match breaker.permit(now_ms(), true) {
+                    Ok(permit) => {
+                        if permit == Permit::Probe {
+                            info!("{purpose}: trying one launch after the pause");
+                        }
+                        st.waits
+                            .insert((purpose.to_owned(), *ticket), watch::channel(None).0);
+                    }
+                    Err(refusal) => {
+                        pool.launch_failed(*ticket);
+                        return Err(ManagerError::LaunchesPaused(paused_message(
+                            purpose, &refusal,
+                        )));
+                    }
+                }
+            }
+            Grant::Assigned(id) => {
+                st.recordings.insert(id.clone(), watch::channel(None).0);
+                self.upstreams.invalidate(id);
+            }
+            _ => {}
+        }
+        Ok(Some(grant))
+    }
+
+    /// Waits for the owner write of `id` under way, if any; the caller asks the pool again.
+    async fn wait_recorded(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        let rx = self.lock().recordings.get(id).map(|tx| tx.subscribe());
+        let Some(mut rx) = rx else {
+            return Ok(());
+        };
+        let outcome = match tokio::time::timeout(RECORD_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => outcome.clone(),
+            Ok(Err(_)) => None,
+            Err(_) => return Err(ManagerError::Recording(id.clone())),
+        };
+        match outcome {
+            Some(Err(reason)) => Err(ManagerError::LaunchFailed(reason)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the outcome of the launch of `ticket`; the caller asks the pool again.
+    async fn wait_for_launch(&self, purpose: &str, ticket: Ticket) -> Result<(), ManagerError> {
         let rx = self
             .lock()
             .waits
             .get(&(purpose.to_owned(), ticket))
             .map(|tx| tx.subscribe());
         let Some(mut rx) = rx else {
-            return Err(ManagerError::LaunchFailed(
-                "the launch finished while this request arrived; send the request again".into(),
-            ));
+            return Ok(());
         };
-        let outcome = match tokio::time::timeout(PENDING_WAIT, rx.wait_for(Option::is_some)).await {
+        let outcome = match tokio::time::timeout(LAUNCH_WAIT, rx.wait_for(Option::is_some)).await {
             Ok(Ok(outcome)) => outcome.clone(),
-            _ => None,
+            _ => {
+                return Err(ManagerError::LaunchFailed(
+                    "the launch did not finish in time; send the request again".into(),
+                ))
+            }
         };
         match outcome {
-            Some(Ok(id)) => Ok(id),
             Some(Err(reason)) => Err(ManagerError::LaunchFailed(reason)),
-            None => Err(ManagerError::LaunchFailed(
-                "the launch did not finish in time; send the request again".into(),
-            )),
+            _ => Ok(()),
         }
+    }
+
+    /// Records `user` as the owner of `id` with the provider, then lets the waiting callers
+    /// be told. Tries until the write lands: a tag write whose answer was lost may have
+    /// landed, so giving the instance to someone else would make it two users' (I2). Gives
+    /// up only when the instance is gone, someone else ended it, or the provider refuses for
+    /// good (then the instance is terminated: nobody was told of it).
+    async fn record_owner(self: Arc<Self>, id: InstanceId, user: UserId) {
+        let tags = owner_tags(&user, now_ms());
+        let mut pause = Duration::from_millis(200);
+        let outcome = loop {
+            let still_theirs = {
+                let st = self.lock();
+                st.known
+                    .get(&id)
+                    .is_some_and(|k| st.owner(&k.purpose, &id).as_ref() == Some(&user))
+            };
+            if !still_theirs {
+                break Err(format!(
+                    "instance {id} was ended while it was being recorded as yours; send the request again"
+                ));
+            }
+            match self.provider.set_tags(&id, &tags).await {
+                Ok(()) => break Ok(()),
+                Err(ProviderError::NotFound(_)) if !self.surely_gone(&id) => {
+                    // Just launched: EC2 does not know it everywhere yet.
+                }
+                Err(ProviderError::NotFound(_)) => {
+                    warn!("{id} is gone at the provider while {user} was being recorded as its owner; forgetting it");
+                    self.forget(&id);
+                    break Err(format!(
+                        "instance {id} is gone at the provider; send the request again"
+                    ));
+                }
+                Err(ProviderError::Unavailable(e)) => {
+                    warn!("recording {user} as the owner of {id}: {e}; trying again");
+                }
+                Err(e) => {
+                    error!("cannot record {user} as the owner of {id}: {e}; terminating it (nobody was told of it)");
+                    let _ = self.terminate(&id).await;
+                    break Err(format!("could not record the owner of {id}: {e}"));
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RECORD_RETRY_MAX);
+        };
+        let tx = {
+            let mut st = self.lock();
+            if outcome.is_ok() {
+                if let Some(known) = st.known.get_mut(&id) {
+                    known.assigned_at = Some(tags_time(&tags));
+                    let purpose = known.purpose.clone();
+                    if let Some(pool) = st.pools.get_mut(&purpose) {
+                        let _ = pool.recorded(&id);
+                    }
+                }
+                info!("assigned {id} to {user}");
+            }
+            st.recordings.remove(&id)
+        };
+        self.upstreams.invalidate(&id);
+        if let Some(tx) = tx {
+            tx.send_replace(Some(outcome));
+        }
+        self.changed.notify_one();
+    }
+
+    /// Whether the provider not knowing `id` means it is gone: its listings never lag, or the
+    /// instance is older than the grace for missing instances.
+    fn surely_gone(&self, id: &InstanceId) -> bool {
+        if self.grace.missing_ms == 0 {
+            return true;
+        }
+        let launched = self.lock().known.get(id).map(|k| k.record.launched_at_ms);
+        launched.is_none_or(|at| now_ms().saturating_sub(at) >= self.grace.missing_ms)
     }
 
     fn assignment(&self, id: &InstanceId, user: &UserId, purpose: &str) -> Assignment {
@@ -420,7 +628,8 @@ impl PoolManager {
         self.links.base(id)
     }
 
-    /// `GET_STATUS {}`: ids of the instances assigned to users, every purpose, sorted.
+    /// `GET_STATUS {}`: ids of the instances assigned to users (and recorded as theirs),
+    /// every purpose, sorted.
     pub fn assigned(&self) -> Vec<InstanceId> {
         let st = self.lock();
         let mut ids: Vec<InstanceId> = st
@@ -428,7 +637,9 @@ impl PoolManager {
             .values()
             .flat_map(|p| {
                 p.instances()
-                    .filter(|(_, i)| i.owner.is_some() && i.phase != Phase::Terminating)
+                    .filter(|(_, i)| {
+                        i.owner.is_some() && i.recorded && i.phase != Phase::Terminating
+                    })
                     .map(|(id, _)| id.clone())
             })
             .collect();
@@ -442,6 +653,22 @@ impl PoolManager {
             .pools
             .iter()
             .map(|(name, p)| (name.clone(), p.census()))
+            .collect()
+    }
+
+    /// Purposes whose launches are paused after failures, with why, in words.
+    pub fn paused_launches(&self) -> BTreeMap<String, String> {
+        let now = now_ms();
+        self.lock()
+            .breakers
+            .iter()
+            .filter_map(|(purpose, b)| {
+                match b.refusal(now) {
+                    Some(refusal @ Refusal::Paused { .. }) => Some(refusal),
+                    _ => None,
+                }
+                .map(|r| (purpose.clone(), paused_message(purpose, &r)))
+            })
             .collect()
     }
 
@@ -484,7 +711,8 @@ impl PoolManager {
                 socket: known.record.address.as_deref().and_then(|a| a.parse().ok()),
                 root_path: root_path_header(self.purposes.get(&known.purpose)?, id),
                 address: known.record.address.clone(),
-                owner: instance.owner.clone(),
+                // Nobody's until the provider has recorded it.
+                owner: instance.owner.clone().filter(|_| instance.recorded),
                 ready: instance.phase == Phase::Ready,
                 stage: match (instance.phase, known.record.state) {
                     (Phase::Ready, _) => Stage::Ready,
@@ -503,18 +731,19 @@ impl PoolManager {
         self.failures.get(id)
     }
 
-    fn record_failure(&self, id: &InstanceId, reason: String) {
+    /// Remembers why the start of `id` failed, for its user's page, and counts the failure
+    /// against its purpose's launches.
+    fn start_failed(&self, id: &InstanceId, reason: String) {
         let (owner, purpose) = {
-            let st = self.lock();
-            let Some(known) = st.known.get(id) else {
+            let mut st = self.lock();
+            let Some(purpose) = st.known.get(id).map(|k| k.purpose.clone()) else {
                 return;
             };
-            let owner = st
-                .pools
-                .get(&known.purpose)
-                .and_then(|p| p.instance(id))
-                .and_then(|i| i.owner.clone());
-            (owner, known.purpose.clone())
+            let owner = st.owner(&purpose, id);
+            if let Some(breaker) = st.breakers.get_mut(&purpose) {
+                note_failure(breaker, &purpose, &reason);
+            }
+            (owner, purpose)
         };
         self.failures.insert(
             id.clone(),
@@ -555,7 +784,8 @@ impl PoolManager {
     }
 
     /// Releases `id` in its pool and terminates it at the provider. On a provider failure the
-    /// instance stays `Terminating` (never handed out) and the reconcile loop retries.
+    /// instance stays `Terminating` (never handed out) and the reconcile loop tries again, as
+    /// it does when the provider does not know an instance that may be too new for it.
     pub async fn terminate(&self, id: &InstanceId) -> Result<(), ManagerError> {
         {
             let mut st = self.lock();
@@ -570,10 +800,27 @@ impl PoolManager {
         }
         // From here on the proxy answers 404 for it: never the old upstream.
         self.upstreams.invalidate(id);
-        self.provider.terminate(id).await?;
-        self.bury(id);
         self.changed.notify_one();
-        Ok(())
+        self.end(id).await
+    }
+
+    /// One try at terminating a released instance at the provider; buries it once done.
+    async fn end(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        match self.provider.terminate(id).await {
+            Ok(()) => {
+                self.bury(id);
+                Ok(())
+            }
+            Err(ProviderError::NotFound(_)) if self.surely_gone(id) => {
+                self.bury(id);
+                Ok(())
+            }
+            Err(ProviderError::NotFound(_)) => {
+                warn!("the provider does not know {id} yet; its termination is tried again");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Forgets an instance we terminated, and remembers that we did.
@@ -585,6 +832,7 @@ impl PoolManager {
     fn forget(&self, id: &InstanceId) {
         self.upstreams.invalidate(id);
         let mut st = self.lock();
+        st.presence.forget(id);
         if let Some(known) = st.known.remove(id) {
             if let Some(pool) = st.pools.get_mut(&known.purpose) {
                 pool.forget(id);
@@ -594,94 +842,91 @@ impl PoolManager {
 
     // ---- Launching ----
 
-    /// Launches the instance of `ticket` and records the outcome. Returns the id, or the reason
-    /// it failed in words for the caller.
-    async fn launch(
-        &self,
-        purpose: &str,
-        ticket: Ticket,
-        owner: Option<UserId>,
-    ) -> Result<InstanceId, String> {
-        self.launches_in_flight.fetch_add(1, Ordering::SeqCst);
+    /// Launches the instance of `ticket` and records the outcome for the callers waiting on
+    /// it. The launch's tags name the user the ticket is for when it is sent; a user who
+    /// takes the launch over later is recorded once it answered.
+    async fn launch(self: Arc<Self>, purpose: String, ticket: Ticket, warm_up: bool) {
+        // Warm-ups take turns, so that topping up a big pool does not starve the command API
+        // and the proxy of CPU; a user's own launch never waits here.
+        let _turn = if warm_up {
+            self.warmups.acquire().await.ok()
+        } else {
+            None
+        };
+        let token = client_token();
+        let owner = self
+            .lock()
+            .pools
+            .get(&purpose)
+            .and_then(|p| p.ticket_owner(ticket).cloned());
         let spec = LaunchSpec {
-            purpose: purpose.to_owned(),
+            purpose: purpose.clone(),
             tags: owner
                 .as_ref()
                 .map(|user| owner_tags(user, now_ms()))
                 .unwrap_or_default(),
+            client_token: token.clone(),
         };
-        let result = self.provider.launch(&spec).await;
-        let outcome = match result {
+        let outcome = match self.provider.launch(&spec).await {
             Ok(record) => {
                 let id = record.id.clone();
-                let late_owner = {
-                    let mut st = self.lock();
-                    st.failures.remove(purpose);
-                    let pool = st.pools.get_mut(purpose).expect("a pool per purpose");
-                    match pool.launched(ticket, id.clone()) {
-                        Ok(()) => {
-                            let now_owner = pool.instance(&id).and_then(|i| i.owner.clone());
-                            let mut known = Known::new(purpose.to_owned(), record);
-                            if now_owner.is_some() && known.assigned_at.is_none() {
-                                known.assigned_at = Some(now_ms());
-                            }
-                            st.known.insert(id.clone(), known);
-                            // A user took over this launch while it ran: tag them now.
-                            Ok(now_owner.filter(|_| owner.is_none()))
+                let mut st = self.lock();
+                let st = &mut *st;
+                let pool = st.pools.get_mut(&purpose).expect("a pool per purpose");
+                match pool.launched(ticket, id.clone(), owner.as_ref()) {
+                    Ok(()) => {
+                        let instance = pool.instance(&id).cloned();
+                        let mut known = Known::new(purpose.clone(), record);
+                        if owner.is_some() && known.assigned_at.is_none() {
+                            known.assigned_at = Some(now_ms());
                         }
-                        Err(e) => Err(e),
-                    }
-                };
-                match late_owner {
-                    Ok(Some(user)) => {
-                        match self
-                            .provider
-                            .set_tags(&id, &owner_tags(&user, now_ms()))
-                            .await
-                        {
-                            Ok(()) => Ok(id),
-                            Err(e) => {
-                                error!("cannot record {user} as the owner of {id}: {e}; terminating it");
-                                let _ = self.terminate(&id).await;
-                                Err(format!(
-                                    "could not record the owner of the new instance: {e}"
-                                ))
-                            }
+                        st.known.insert(id.clone(), known);
+                        // A user took over this launch while it ran: record them now.
+                        if let Some(user) = instance.filter(|i| !i.recorded).and_then(|i| i.owner) {
+                            st.recordings.insert(id.clone(), watch::channel(None).0);
+                            tokio::spawn(Arc::clone(&self).record_owner(id.clone(), user));
                         }
+                        Ok(id)
                     }
-                    Ok(None) => Ok(id),
                     Err(e) => {
                         // Cannot happen while tickets are only completed here; never leak it.
-                        error!("{e}; terminating the orphan {id}");
-                        let _ = self.provider.terminate(&id).await;
+                        error!("{e}; the orphan {id} is terminated by the next round");
                         Err(e.to_string())
                     }
                 }
             }
             Err(e) => {
+                let in_doubt = matches!(e, ProviderError::Launch { in_doubt: true, .. });
                 let mut st = self.lock();
-                st.pools
-                    .get_mut(purpose)
-                    .expect("a pool per purpose")
-                    .launch_failed(ticket);
-                let failures = {
-                    let count = st.failures.entry(purpose.to_owned()).or_insert(0);
-                    *count += 1;
-                    *count
-                };
-                let delay = backoff(failures);
-                st.backoff_until
-                    .insert(purpose.to_owned(), now_ms() + delay.as_millis() as u64);
-                error!("{e} (attempt {failures}; next top-up in {delay:?})");
+                let st = &mut *st;
+                let pool = st.pools.get_mut(&purpose).expect("a pool per purpose");
+                if in_doubt {
+                    // The instance may exist: it counts against the maximum until a listing
+                    // shows it (by its client token) or it surely does not.
+                    pool.launch_in_doubt(ticket);
+                    st.doubts.insert(
+                        token,
+                        Doubt {
+                            purpose: purpose.clone(),
+                            ticket,
+                            since_ms: now_ms(),
+                        },
+                    );
+                } else {
+                    pool.launch_failed(ticket);
+                }
+                let breaker = st
+                    .breakers
+                    .get_mut(&purpose)
+                    .expect("a breaker per purpose");
+                note_failure(breaker, &purpose, &e.to_string());
                 Err(e.to_string())
             }
         };
-        self.launches_in_flight.fetch_sub(1, Ordering::SeqCst);
-        if let Some(tx) = self.lock().waits.remove(&(purpose.to_owned(), ticket)) {
-            tx.send_replace(Some(outcome.clone()));
+        if let Some(tx) = self.lock().waits.remove(&(purpose.clone(), ticket)) {
+            tx.send_replace(Some(outcome));
         }
         self.changed.notify_one();
-        outcome
     }
 
     // ---- The reconcile loop ----
@@ -689,9 +934,18 @@ impl PoolManager {
     /// Rebuilds the pools from the provider: adopts every instance of a known purpose (with
     /// the owner in its tags) and terminates what cannot be adopted (I5).
     pub async fn recover(&self) -> Result<(), ProviderError> {
+        let started = now_ms();
         let records = self.provider.list().await?;
+        {
+            let mut st = self.lock();
+            // Instances a predecessor launched just before it stopped may not be listed yet:
+            // launch nothing until a listing taken after the provider's lag is in.
+            st.own_launches_from = started + self.consistency.listing_lag.as_millis() as u64;
+            st.synced_at = started;
+        }
         self.adopt_unknown(records, true).await;
         self.recovered.send_replace(true);
+        self.synced.send_modify(|n| *n += 1);
         info!(
             "pool rebuilt from the {} provider: {:?}",
             self.provider.kind(),
@@ -700,15 +954,47 @@ impl PoolManager {
         Ok(())
     }
 
-    async fn adopt_unknown(&self, records: Vec<InstanceRecord>, at_start: bool) {
+    async fn adopt_unknown(&self, mut records: Vec<InstanceRecord>, at_start: bool) {
+        // When two instances name one owner, the one assigned first is theirs; owned ones go
+        // before free ones, which take only the room that is left.
+        records.sort_by_key(|r| {
+            let owned = r.tags.contains_key(TAG_USER);
+            let since = r.time_tag(TAG_ASSIGNED_AT).unwrap_or(r.launched_at_ms);
+            (!owned, since, r.id.clone())
+        });
         let mut doomed = Vec::new();
         {
             let mut st = self.lock();
+            let st = &mut *st;
             let now = now_ms();
             st.tombstones
                 .retain(|_, at| now.saturating_sub(*at) < TOMBSTONE_MS);
             for record in records {
                 if st.known.contains_key(&record.id) || st.tombstones.contains_key(&record.id) {
+                    continue;
+                }
+                // A launch of ours whose answer was lost: it is found, not in doubt any more.
+                let doubt = record
+                    .client_token
+                    .as_ref()
+                    .and_then(|token| st.doubts.remove(token));
+                if let Some(doubt) = &doubt {
+                    if let Some(pool) = st.pools.get_mut(&doubt.purpose) {
+                        pool.doubt_resolved(doubt.ticket);
+                    }
+                    info!(
+                        "{} is the instance of a launch whose answer was lost",
+                        record.id
+                    );
+                } else if !at_start
+                    && !unknown_is_settled(
+                        record.launched_at_ms,
+                        now,
+                        st.own_launches_from,
+                        self.grace,
+                    )
+                {
+                    // It may be a launch of ours that has not answered yet.
                     continue;
                 }
                 let Some(purpose) = record
@@ -731,15 +1017,19 @@ impl PoolManager {
                         continue;
                     }
                 };
-                if record.state == ProviderState::Stopped {
-                    warn!("instance {} is stopped; terminating it", record.id);
+                if record.state != ProviderState::Pending && record.state != ProviderState::Running
+                {
+                    warn!(
+                        "instance {} is {:?}; terminating it",
+                        record.id, record.state
+                    );
                     doomed.push(record.id);
                     continue;
                 }
                 let pool = st.pools.get_mut(&purpose).expect("checked above");
                 match pool.adopt(record.id.clone(), owner.clone(), Phase::Launching) {
                     Adoption::Adopted | Adoption::Known => {
-                        if !at_start {
+                        if !at_start && doubt.is_none() {
                             warn!(
                                 "adopted {} ({purpose}, owner {owner:?}) found at the provider",
                                 record.id
@@ -764,7 +1054,7 @@ impl PoolManager {
         }
         for id in doomed {
             match self.provider.terminate(&id).await {
-                Ok(()) => {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {
                     self.lock().tombstones.insert(id, now_ms());
                 }
                 Err(e) => error!("cannot terminate {id}: {e}"),
@@ -804,7 +1094,10 @@ impl PoolManager {
                 else {
                     continue;
                 };
-                if instance.owner.is_none() || instance.phase == Phase::Terminating {
+                if instance.owner.is_none()
+                    || !instance.recorded
+                    || instance.phase == Phase::Terminating
+                {
                     continue;
                 }
                 let timeout = self.purposes[&known.purpose].idle_timeout.as_millis() as u64;
@@ -840,10 +1133,9 @@ impl PoolManager {
     }
 
     /// Forgets instances the provider no longer has; adopts or terminates instances it has
-    /// that the pool does not know; retries terminations.
+    /// that the pool does not know; tries terminations again.
     async fn sync(&self) {
         let started = now_ms();
-        let in_flight_before = self.launches_in_flight.load(Ordering::SeqCst);
         let records = match self.provider.list().await {
             Ok(r) => r,
             Err(e) => {
@@ -854,12 +1146,16 @@ impl PoolManager {
         let listed: HashSet<InstanceId> = records.iter().map(|r| r.id.clone()).collect();
         // Refresh what the provider says of known instances: state, address, tags.
         let mut stopped = Vec::new();
+        let mut missing = Vec::new();
         {
             let mut st = self.lock();
+            let st = &mut *st;
             for record in &records {
                 let Some(known) = st.known.get_mut(&record.id) else {
                     continue;
                 };
+                st.presence
+                    .sighted(&record.id, Sighting::Live, started, self.grace);
                 let moved =
                     known.record.address != record.address || known.record.state != record.state;
                 known.record.state = record.state;
@@ -875,6 +1171,13 @@ impl PoolManager {
                     stopped.push(record.id.clone());
                 }
             }
+            // An instance launched after the listing was taken cannot be in it.
+            missing.extend(
+                st.known
+                    .iter()
+                    .filter(|(id, k)| !listed.contains(*id) && k.record.launched_at_ms < started)
+                    .map(|(id, _)| id.clone()),
+            );
         }
         for id in stopped {
             warn!("instance {id} was stopped outside the pool; terminating it");
@@ -882,39 +1185,84 @@ impl PoolManager {
                 error!("cannot terminate {id}: {e}");
             }
         }
-        let mut retry_terminate = Vec::new();
-        {
+        self.take_in_missing(missing, started).await;
+        let terminating: Vec<InstanceId> = {
             let st = self.lock();
-            for (id, known) in &st.known {
-                let phase = st
-                    .pools
-                    .get(&known.purpose)
-                    .and_then(|p| p.instance(id))
-                    .map(|i| i.phase);
-                if listed.contains(id) && phase == Some(Phase::Terminating) {
-                    retry_terminate.push(id.clone());
-                }
+            st.known
+                .iter()
+                .filter(|(id, k)| {
+                    st.pools
+                        .get(&k.purpose)
+                        .and_then(|p| p.instance(id))
+                        .is_some_and(|i| i.phase == Phase::Terminating)
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in terminating {
+            if let Err(e) = self.end(&id).await {
+                error!("terminating {id} failed again: {e}");
             }
         }
-        let vanished: Vec<InstanceId> = {
+        self.adopt_unknown(records, false).await;
+        {
             let mut st = self.lock();
-            let candidates: Vec<InstanceId> = st
-                .known
+            let now = now_ms();
+            let unknown_ms = self.grace.unknown_ms;
+            let expired: Vec<String> = st
+                .doubts
                 .iter()
-                .filter(|(id, k)| !listed.contains(*id) && k.record.launched_at_ms < started)
-                .map(|(id, _)| id.clone())
+                .filter(|(_, d)| now.saturating_sub(d.since_ms) >= unknown_ms)
+                .map(|(token, _)| token.clone())
                 .collect();
-            st.misses.retain(|id, _| candidates.contains(id));
-            let mut gone = Vec::new();
-            for id in candidates {
-                let misses = st.misses.entry(id.clone()).or_insert(0);
-                *misses += 1;
-                if *misses >= MISSES_BEFORE_GONE {
-                    st.misses.remove(&id);
-                    gone.push(id);
+            for token in expired {
+                if let Some(doubt) = st.doubts.remove(&token) {
+                    info!(
+                        "no instance turned up for a {} launch whose answer was lost",
+                        doubt.purpose
+                    );
+                    if let Some(pool) = st.pools.get_mut(&doubt.purpose) {
+                        pool.doubt_resolved(doubt.ticket);
+                    }
                 }
             }
-            gone
+            st.synced_at = st.synced_at.max(started);
+        }
+        self.synced.send_modify(|n| *n += 1);
+    }
+
+    /// Decides about known instances a listing taken at `started` did not show: gone when a
+    /// lookup by id says so (or the provider's listings never lag), or once missing for the
+    /// grace period; still there when the lookup finds them.
+    async fn take_in_missing(&self, missing: Vec<InstanceId>, started: u64) {
+        if missing.is_empty() {
+            return;
+        }
+        let found: HashMap<InstanceId, ProviderState> = if self.grace.missing_ms == 0 {
+            HashMap::new()
+        } else {
+            match self.provider.lookup(&missing).await {
+                Ok(records) => records.into_iter().map(|r| (r.id, r.state)).collect(),
+                Err(e) => {
+                    warn!("cannot look up instances missing from the listing: {e}");
+                    HashMap::new()
+                }
+            }
+        };
+        let vanished: Vec<InstanceId> = {
+            let mut st = self.lock();
+            missing
+                .into_iter()
+                .filter(|id| {
+                    let sighting = match found.get(id) {
+                        Some(ProviderState::Terminated) => Sighting::Gone,
+                        Some(_) => Sighting::Live,
+                        None if self.grace.missing_ms == 0 => Sighting::Gone,
+                        None => Sighting::Missing,
+                    };
+                    st.presence.sighted(id, sighting, started, self.grace)
+                })
+                .collect()
         };
         for id in vanished {
             warn!("instance {id} is gone at the provider; forgetting it");
@@ -922,20 +1270,10 @@ impl PoolManager {
                 .instance(&id)
                 .is_some_and(|v| v.phase == Phase::Launching);
             if starting {
-                self.record_failure(&id, "the workspace stopped while it was starting".into());
+                self.start_failed(&id, "the workspace stopped while it was starting".into());
             }
             self.forget(&id);
             self.changed.notify_one();
-        }
-        for id in retry_terminate {
-            if let Err(e) = self.provider.terminate(&id).await {
-                error!("terminating {id} failed again: {e}");
-            } else {
-                self.bury(&id);
-            }
-        }
-        if in_flight_before == 0 && self.launches_in_flight.load(Ordering::SeqCst) == 0 {
-            self.adopt_unknown(records, false).await;
         }
     }
 
@@ -991,6 +1329,12 @@ impl PoolManager {
                 if let Some(pool) = st.pools.get_mut(&purpose) {
                     let _ = pool.mark_ready(&id);
                 }
+                if let Some(breaker) = st.breakers.get_mut(&purpose) {
+                    if breaker.is_open() {
+                        info!("{purpose}: {id} is ready; launches resume");
+                    }
+                    breaker.succeeded();
+                }
                 drop(st);
                 self.upstreams.invalidate(&id);
                 self.readiness.send_modify(|n| *n += 1);
@@ -1000,23 +1344,13 @@ impl PoolManager {
                     "{id} ({purpose}) was not ready within {:?}; replacing it",
                     self.ready_timeout
                 );
-                self.record_failure(
+                self.start_failed(
                     &id,
                     format!(
                         "the workspace did not answer within {} s of its launch",
                         self.ready_timeout.as_secs()
                     ),
                 );
-                {
-                    let mut st = self.lock();
-                    let failures = {
-                        let count = st.failures.entry(purpose.clone()).or_insert(0);
-                        *count += 1;
-                        *count
-                    };
-                    let until = now + backoff(failures).as_millis() as u64;
-                    st.backoff_until.insert(purpose.clone(), until);
-                }
                 if let Err(e) = self.terminate(&id).await {
                     error!("cannot terminate {id}: {e}");
                 }
@@ -1029,27 +1363,31 @@ impl PoolManager {
         let mut launches = Vec::new();
         {
             let mut st = self.lock();
-            let purposes: Vec<String> = st.pools.keys().cloned().collect();
-            for purpose in purposes {
-                if st.backoff_until.get(&purpose).is_some_and(|&t| t > now) {
-                    continue;
-                }
-                let tickets = st.pools.get_mut(&purpose).expect("listed").top_up();
-                for ticket in tickets {
-                    st.waits
-                        .insert((purpose.clone(), ticket), watch::channel(None).0);
-                    launches.push((purpose.clone(), ticket));
+            if !st.may_launch() {
+                return;
+            }
+            let st = &mut *st;
+            for (purpose, pool) in st.pools.iter_mut() {
+                let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
+                for ticket in pool.top_up() {
+                    match breaker.permit(now, false) {
+                        Ok(permit) => {
+                            if permit == Permit::Probe {
+                                info!("{purpose}: trying one launch after the pause");
+                            }
+                            st.waits
+                                .insert((purpose.clone(), ticket), watch::channel(None).0);
+                            launches.push((purpose.clone(), ticket));
+                        }
+                        Err(_) => {
+                            pool.launch_failed(ticket);
+                        }
+                    }
                 }
             }
         }
         for (purpose, ticket) in launches {
-            let this = Arc::clone(self);
-            tokio::spawn(async move {
-                // Warm-ups take turns, so that topping up a big pool does not starve the
-                // command API and the proxy of CPU; a user's own launch never waits here.
-                let _turn = this.warmups.acquire().await;
-                let _ = this.launch(&purpose, ticket, None).await;
-            });
+            tokio::spawn(Arc::clone(self).launch(purpose, ticket, true));
         }
     }
 
@@ -1072,19 +1410,59 @@ impl PoolManager {
     }
 }
 
+/// The time in owner tags made by [`owner_tags`].
+fn tags_time(tags: &[(String, String)]) -> u64 {
+    tags.iter()
+        .find(|(k, _)| k == TAG_ASSIGNED_AT)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(now_ms)
+}
+
+/// Counts a failed start against a purpose's launches, and says so in the log when launching
+/// stops.
+fn note_failure(breaker: &mut Breaker, purpose: &str, reason: &str) {
+    let now = now_ms();
+    match breaker.failed(now, reason) {
+        AfterFailure::Opened { until_ms } => error!(
+            "{purpose}: launches paused for {} s after failed starts in a row; last: {reason}",
+            until_ms.saturating_sub(now).div_ceil(1000)
+        ),
+        AfterFailure::Backoff { until_ms } => warn!(
+            "{purpose}: a start failed ({reason}); next warm-up launch in {} ms",
+            until_ms.saturating_sub(now)
+        ),
+    }
+}
+
+/// Why launches of `purpose` are refused, in words for a caller.
+fn paused_message(purpose: &str, refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::Paused {
+            until_ms,
+            failures,
+            reason,
+            probing,
+        } => {
+            let when = if *probing {
+                "a trial launch is under way".to_owned()
+            } else {
+                format!(
+                    "the pool tries again in {} s",
+                    until_ms.saturating_sub(now_ms()).div_ceil(1000)
+                )
+            };
+            format!("launching `{purpose}` instances is paused after {failures} failed starts in a row (last: {reason}); {when}, on its own. Ask again later; an operator finds the cause in the pool's log")
+        }
+        Refusal::Backoff { .. } => {
+            format!("launching `{purpose}` instances is backing off after a failed start; ask again in a few seconds")
+        }
+    }
+}
+
 /// How stale the saved activity may get: a tenth of the idle timeout, between 1 s and 60 s.
 /// After a restart an instance may be culled up to this much early.
 fn save_interval(timeout_ms: u64) -> u64 {
     (timeout_ms / 10).clamp(1000, 60_000)
-}
-
-/// Exponential backoff with jitter for failed launches: 1 s, 2 s, 4 s ... up to 5 minutes.
-fn backoff(failures: u32) -> Duration {
-    let base = 1000u64
-        .saturating_mul(1 << failures.saturating_sub(1).min(9))
-        .min(300_000);
-    let jitter = rand::random::<u64>() % (base / 4 + 1);
-    Duration::from_millis(base + jitter)
 }
 
 #[cfg(test)]
@@ -1092,9 +1470,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) >= Duration::from_secs(1) && backoff(1) < Duration::from_secs(2));
-        assert!(backoff(3) >= Duration::from_secs(4));
-        assert!(backoff(40) <= Duration::from_millis(375_000));
+    fn client_tokens_fit_ec2_whatever_the_pool_name() {
+        let a = client_token();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, client_token());
+    }
+
+    #[test]
+    fn a_paused_purpose_says_why_and_when() {
+        let message = paused_message(
+            "rstudio",
+            &Refusal::Paused {
+                until_ms: now_ms() + 30_000,
+                failures: 3,
+                reason: "InvalidAMIID.NotFound".into(),
+                probing: false,
+            },
+        );
+        assert!(
+            message.contains("paused after 3 failed starts"),
+            "{message}"
+        );
+        assert!(message.contains("InvalidAMIID.NotFound"), "{message}");
+        assert!(message.contains("tries again in 30 s"), "{message}");
     }
 }

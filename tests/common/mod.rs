@@ -63,6 +63,10 @@ pub struct Options {
     /// The bearer token of the command API; sent with every command when set.
     pub api_token: Option<String>,
     pub env: Vec<(String, String)>,
+    /// More keys of the `pool:` section, each line indented by two spaces.
+    pub pool_yaml: String,
+    /// Whether `start` waits until the pool was rebuilt from the provider.
+    pub wait_recovered: bool,
 }
 
 impl Default for Options {
@@ -79,6 +83,8 @@ impl Default for Options {
             api_host: "127.0.0.1".into(),
             api_token: None,
             env: Vec::new(),
+            pool_yaml: String::new(),
+            wait_recovered: true,
         }
     }
 }
@@ -123,13 +129,14 @@ impl Server {
         let o = &self.options;
         let yaml = format!(
             "version: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
-             pool:\n  name: {pool}\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: {ready}\n  reconcile_interval_ms: 200\n\
+             pool:\n  name: {pool}\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: {ready}\n  reconcile_interval_ms: 200\n{pool_extra}\
              {provider}\
              {auth}\
              api:\n  listen: {api_host}:{api_port}\n{token}\
              proxy:\n  listen: {proxy}\n  timeout_instance_ms: {timeout}\n{extra}",
             pool = o.pool_name,
             ready = o.ready_timeout_seconds,
+            pool_extra = o.pool_yaml,
             provider = o.provider_yaml.clone().unwrap_or_else(|| format!(
                 "provider:\n  kind: process\n  state_dir: {}\n",
                 self.state_dir().display()
@@ -198,7 +205,7 @@ impl Server {
         loop {
             if let Ok(r) = self.client.get(&url).send().await {
                 let v: Value = r.json().await.unwrap_or_default();
-                if v["recovered"] == json!(true) {
+                if v["recovered"] == json!(true) || !self.options.wait_recovered {
                     return;
                 }
             }
@@ -523,4 +530,5 @@ impl Raw {
     }
 }
 
+pub mod ec2sim;
 pub mod moto;

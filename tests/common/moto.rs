@@ -1,4 +1,6 @@
-//! A moto server (a local EC2 API over real HTTP) per test, and an EC2 client for it.
+//! A moto server (a local EC2 API over real HTTP) per test, an EC2 client for it that sees
+//! the truth, and in front of it, for the pool, an EC2 that behaves like EC2 ([`Ec2Sim`]:
+//! listing lag, throttling, idempotent launches, faults on demand).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -7,6 +9,7 @@ use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{Filter, Instance, ResourceType, Tag, TagSpecification};
 use aws_sdk_ec2::Client;
 
+use super::ec2sim::{Ec2Sim, Realism};
 use super::free_port;
 
 pub const REGION: &str = "us-east-1";
@@ -14,12 +17,21 @@ pub const ACCOUNT: &str = "123456789012";
 
 pub struct Moto {
     child: Child,
+    /// Moto itself: the truth, as the tests' own client sees it.
     pub endpoint: String,
     pub client: Client,
+    /// What the pool talks to.
+    pub ec2: Ec2Sim,
 }
 
 impl Moto {
+    /// Moto behind an EC2 with the default realism: new instances unlisted for a while,
+    /// AWS's throttling.
     pub async fn start() -> Moto {
+        Self::start_with(Realism::default_lag()).await
+    }
+
+    pub async fn start_with(realism: Realism) -> Moto {
         let program = std::env::var("MOTO_SERVER").unwrap_or_else(|_| {
             format!(
                 "{}/.cache/rstudio-pool-venv/bin/moto_server",
@@ -44,6 +56,7 @@ impl Moto {
             .credentials_provider(Credentials::new("testing", "testing", None, None, "static"))
             .build();
         let moto = Moto {
+            ec2: Ec2Sim::start(&endpoint, realism),
             child,
             endpoint,
             client: Client::from_conf(config),
@@ -56,10 +69,10 @@ impl Moto {
         moto
     }
 
-    /// The environment a server needs to talk to this moto.
+    /// The environment a server needs to talk to this moto, through the realistic EC2.
     pub fn env(&self) -> Vec<(String, String)> {
         [
-            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ENDPOINT_URL", self.ec2.endpoint.as_str()),
             ("AWS_REGION", REGION),
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
