@@ -1,31 +1,49 @@
 #!/bin/bash
 # User data of an rstudio-pool EC2 workspace: runs once, as root, at first boot.
-# Installs docker, logs in to the registry, and runs the purpose's image so that a reboot
-# brings it back. Rendered by rstudio-pool: {{image}}, {{port}}, {{container_port}},
+# Installs docker, signs in to the registry, and runs the purpose's image so that a reboot
+# brings it back. Works on Amazon Linux 2023 (dnf), Amazon Linux 2 (yum) and Ubuntu 22.04 and
+# 24.04 (apt-get). Rendered by rstudio-pool: {{image}}, {{port}}, {{container_port}},
 # {{registry}}, {{region}}, {{docker_args}}, {{container_command}} are filled in; the result
 # must stay under 16 KB. The container command may use ${INSTANCE_ID} (JupyterLab's base URL).
 set -euxo pipefail
 
-if ! command -v docker >/dev/null 2>&1; then
+# Installs packages with this distribution's package manager.
+install_packages() {
   if command -v dnf >/dev/null 2>&1; then
-    dnf install -y docker
+    dnf install -y "$@"
   elif command -v yum >/dev/null 2>&1; then
-    yum install -y docker
+    yum install -y "$@"
   else
     apt-get update -y
-    apt-get install -y docker.io
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+  fi
+}
+
+if ! command -v docker >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    install_packages docker.io
+  else
+    install_packages docker
   fi
 fi
 systemctl enable --now docker
 
 REGISTRY="{{registry}}"
 if [ -n "$REGISTRY" ]; then
-  # The instance role allows ECR pulls; IMDSv2 tokens are required (hop limit 1 keeps the
-  # role out of the container's reach).
-  if ! command -v aws >/dev/null 2>&1; then
-    (command -v dnf >/dev/null && dnf install -y awscli) || (command -v yum >/dev/null && yum install -y awscli) || apt-get install -y awscli
+  # The pull signs in with the instance role (IMDSv2; the hop limit of 1 keeps the role out
+  # of the container's reach). An AWS CLI on the image (Amazon Linux has one) signs in
+  # directly; elsewhere Amazon's ECR credential helper does, which every supported
+  # distribution packages, while Ubuntu 24.04 no longer packages the AWS CLI.
+  if command -v aws >/dev/null 2>&1; then
+    aws ecr get-login-password --region "{{region}}" \
+      | docker login --username AWS --password-stdin "$REGISTRY"
+  else
+    command -v docker-credential-ecr-login >/dev/null 2>&1 \
+      || install_packages amazon-ecr-credential-helper
+    export DOCKER_CONFIG="${DOCKER_CONFIG:-/root/.docker}"
+    mkdir -p "$DOCKER_CONFIG"
+    printf '{"credHelpers": {"%s": "ecr-login"}}\n' "$REGISTRY" >"$DOCKER_CONFIG/config.json"
   fi
-  aws ecr get-login-password --region "{{region}}" | docker login --username AWS --password-stdin "$REGISTRY"
 fi
 
 # The instance's own id, from IMDSv2 (the hop limit of 1 keeps it out of the container).

@@ -19,6 +19,15 @@ if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/jupyter-lab" ]; then
   "$VENV/bin/pip" install -q 'moto[server,ec2]>=5,<6' 'jupyterlab>=4,<5'
 fi
 export MOTO_SERVER="$VENV/bin/moto_server"
+
+# The EC2 user data is checked with shellcheck.
+if ! command -v shellcheck >/dev/null 2>&1; then
+  echo "setup: installing shellcheck with apt-get" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq shellcheck >/dev/null
+fi
 export RSTUDIO_POOL_VENV="$VENV"
 
 echo "== cargo fmt --check"

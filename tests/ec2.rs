@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use common::moto::{tag, Moto, ACCOUNT, REGION};
-use common::{eventually, is_known, wait_ready, DemoProcess, Options, Server};
+use common::moto::{options, setup, tag, Moto, ACCOUNT, PROFILE, REGION};
+use common::{eventually, is_known, wait_ready, Server};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -34,53 +34,6 @@ async fn user_data(moto: &Moto, id: &str) -> String {
     )
     .unwrap()
 }
-const PROFILE: &str = "workspace-profile";
-
-struct Setup {
-    moto: Moto,
-    /// A demo workspace standing in for every EC2 instance's RStudio.
-    stand: DemoProcess,
-    security_group: String,
-}
-
-async fn setup() -> Setup {
-    let moto = Moto::start().await;
-    moto.create_instance_profile(PROFILE).await;
-    let security_group = moto.create_security_group("workspaces").await;
-    Setup {
-        moto,
-        stand: DemoProcess::start(),
-        security_group,
-    }
-}
-
-fn options(s: &Setup, pool: &str, min_free: usize, max: usize) -> Options {
-    let mut env = s.moto.env();
-    for (k, v) in [
-        ("IMAGE_ID", "ami-0123456789abcdef0"),
-        ("IMAGE_TYPE", "t3.small"),
-        ("KEY_NAME", "analysts"),
-        ("SECURITY_GROUP", s.security_group.as_str()),
-        ("INSTANCE_PROFILE", PROFILE),
-        ("ACCOUNT", ACCOUNT),
-        ("REGION", REGION),
-    ] {
-        env.push((k.to_owned(), v.to_owned()));
-    }
-    Options {
-        min_free,
-        max,
-        pool_name: pool.to_owned(),
-        provider_yaml: Some(
-            "provider:\n  kind: ec2\n  ec2:\n    address_template: \"127.0.0.1:{port}\"\n    launch_rate_per_second: 200\n    launch_burst: 100\n    listing_lag_seconds: 2\n    missing_grace_seconds: 20\n"
-                .to_owned(),
-        ),
-        extra_yaml: format!("purposes:\n  rstudio:\n    port: {}\n", s.stand.port),
-        env,
-        ..Options::default()
-    }
-}
-
 #[tokio::test]
 async fn instances_are_launched_with_the_configuration_and_tags() {
     let s = setup().await;
@@ -365,7 +318,7 @@ async fn two_pools_in_one_account_leave_each_other_alone() {
 }
 
 #[tokio::test]
-async fn a_failing_launch_says_what_to_fix_and_backs_off() {
+async fn a_failing_launch_says_what_to_fix_backs_off_and_pauses() {
     let s = setup().await;
     let mut o = options(&s, "pool-f", 1, 3);
     for (k, v) in o.env.iter_mut() {
@@ -373,6 +326,7 @@ async fn a_failing_launch_says_what_to_fix_and_backs_off() {
             *v = "sg-0000000000000dead".into();
         }
     }
+    o.pool_yaml = "  launch_failures_to_pause: 3\n  launch_pause_seconds: 600\n".into();
     let server = Server::start(o).await;
     let (status, body) = server
         .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
@@ -380,16 +334,34 @@ async fn a_failing_launch_says_what_to_fix_and_backs_off() {
     assert_eq!(status, 503, "{body}");
     let message = body["error"].as_str().unwrap();
     assert!(message.contains("SECURITY_GROUP"), "{message}");
-    // The warm-up keeps failing, and is retried with growing delays, not in a tight loop.
-    eventually("two failed top-ups in the log", WAIT, || async {
-        (server.log().matches("next top-up in").count() >= 2).then_some(())
+    // The warm-ups back off (1 s, 2 s), and the third failure in a row pauses launching.
+    eventually("launching paused", WAIT, || async {
+        let (_, status) = server.command("GET_STATUS", json!({})).await;
+        status["launchesPaused"]["rstudio"]
+            .as_str()
+            .map(str::to_owned)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let attempts = server.log().matches("next top-up in").count();
+    let launches = s.moto.ec2.history(|h| h.count("RunInstances", "error"));
     assert!(
-        attempts <= 4,
-        "{attempts} failed launches in ~3 s: no backoff"
+        (3..=4).contains(&launches),
+        "{launches} failed launches before the pause"
+    );
+    let (status, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "bo"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("paused after 3 failed starts") && message.contains("SECURITY_GROUP"),
+        "{message}"
+    );
+    assert!(server.log().contains("launches paused"), "{}", server.log());
+    // Nothing more is launched while paused: not by the top-up, not for the user.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.moto.ec2.history(|h| h.count("RunInstances", "error")),
+        launches
     );
     assert!(s.moto.live("pool-f").await.is_empty());
 }

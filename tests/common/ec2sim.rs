@@ -521,7 +521,10 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
             shared.note(&action, "ok");
             Ok(ok(bytes))
         }
-        Err(other) => other,
+        Err(other) => {
+            shared.note(&action, "error");
+            other
+        }
     };
     if fault && fault_after {
         shared.note(&action, "fault");

@@ -10,7 +10,7 @@ use aws_sdk_ec2::types::{Filter, Instance, ResourceType, Tag, TagSpecification};
 use aws_sdk_ec2::Client;
 
 use super::ec2sim::{Ec2Sim, Realism};
-use super::free_port;
+use super::{free_port, DemoProcess, Options};
 
 pub const REGION: &str = "us-east-1";
 pub const ACCOUNT: &str = "123456789012";
@@ -184,6 +184,60 @@ impl Moto {
             .and_then(|s| s.name())
             .map(|n| n.as_str().to_owned())
             .unwrap_or_default()
+    }
+}
+
+pub const PROFILE: &str = "workspace-profile";
+
+/// Moto with what the pool needs in it, and a demo workspace standing in for every EC2
+/// instance's RStudio (workspaces do not boot in moto).
+pub struct Setup {
+    pub moto: Moto,
+    pub stand: DemoProcess,
+    pub security_group: String,
+}
+
+pub async fn setup() -> Setup {
+    setup_with(Realism::default_lag()).await
+}
+
+pub async fn setup_with(realism: Realism) -> Setup {
+    let moto = Moto::start_with(realism).await;
+    moto.create_instance_profile(PROFILE).await;
+    let security_group = moto.create_security_group("workspaces").await;
+    Setup {
+        moto,
+        stand: DemoProcess::start(),
+        security_group,
+    }
+}
+
+/// A pool on the ec2 provider against `s`, every instance's address pointing at the stand-in
+/// workspace, and the provider's consistency settings matched to the realistic EC2's lag.
+pub fn options(s: &Setup, pool: &str, min_free: usize, max: usize) -> Options {
+    let mut env = s.moto.env();
+    for (k, v) in [
+        ("IMAGE_ID", "ami-0123456789abcdef0"),
+        ("IMAGE_TYPE", "t3.small"),
+        ("KEY_NAME", "analysts"),
+        ("SECURITY_GROUP", s.security_group.as_str()),
+        ("INSTANCE_PROFILE", PROFILE),
+        ("ACCOUNT", ACCOUNT),
+        ("REGION", REGION),
+    ] {
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    Options {
+        min_free,
+        max,
+        pool_name: pool.to_owned(),
+        provider_yaml: Some(
+            "provider:\n  kind: ec2\n  ec2:\n    address_template: \"127.0.0.1:{port}\"\n    launch_rate_per_second: 200\n    launch_burst: 100\n    listing_lag_seconds: 2\n    missing_grace_seconds: 20\n"
+                .to_owned(),
+        ),
+        extra_yaml: format!("purposes:\n  rstudio:\n    port: {}\n", s.stand.port),
+        env,
+        ..Options::default()
     }
 }
 
