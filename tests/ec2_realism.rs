@@ -485,6 +485,35 @@ async fn ec2_as_it_behaves_with_faults_and_crashes_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(up_for)).await;
         server.restart().await;
     }
+    // Once more, certainly in the middle of an owner write.
+    eventually("a warm instance for a late-comer", WAIT, || async {
+        let (status, body) = server.command("GET_STATUS", json!({})).await;
+        (status == 200 && body["pools"]["rstudio"]["freeReady"].as_u64() > Some(0)).then_some(())
+    })
+    .await;
+    s.moto
+        .ec2
+        .set(|r| r.delay = Some(("CreateTags", Duration::from_secs(3))));
+    let late = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("http://{api}/"))
+            .json(&json!({"command": "REQUEST_RSTUDIO", "payload": {"userId": "late-comer"}}))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status())
+    });
+    eventually("an owner write under way", WAIT, || async {
+        (s.moto
+            .ec2
+            .history(|h| h.in_progress.get("CreateTags").copied())
+            > Some(0))
+        .then_some(())
+    })
+    .await;
+    server.restart().await;
+    // The late-comer was never answered: the pool died while recording them as an owner.
+    assert_eq!(late.await.unwrap(), None);
     tokio::time::sleep(Duration::from_secs(5)).await;
 
     // The faults stop; everyone is served, each with the instance they were told before.
@@ -540,6 +569,8 @@ async fn ec2_as_it_behaves_with_faults_and_crashes_loses_nothing() {
         };
         (total("throttled"), total("fault"), total("not-found"))
     });
+    let calls = s.moto.ec2.history(|h| h.calls.clone());
+    eprintln!("calls to the realistic EC2 by action and outcome: {calls:?}");
     assert!(
         throttled > 0 && faults > 0 && not_found > 0,
         "throttled {throttled}, faults {faults}, not found {not_found}"

@@ -69,8 +69,11 @@ pub struct History {
     /// Every owner tag that landed, per instance, in order, with when.
     pub owners: BTreeMap<String, Vec<String>>,
     pub owned_at: BTreeMap<String, Instant>,
-    /// Calls by action and outcome (`ok`, `throttled`, `not-found`, `fault`).
+    /// Calls by action and outcome (`ok`, `error`, `throttled`, `not-found`, `fault`,
+    /// `refused`).
     pub calls: BTreeMap<(String, &'static str), u64>,
+    /// Calls under way by action (a caller that hangs up ends its call here too).
+    pub in_progress: BTreeMap<String, u64>,
 }
 
 impl History {
@@ -188,6 +191,43 @@ async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Counts a call as under way until it ends, answered or abandoned.
+struct Underway<'a> {
+    shared: &'a Shared,
+    action: String,
+}
+
+impl<'a> Underway<'a> {
+    fn new(shared: &'a Shared, action: &str) -> Self {
+        *shared
+            .history
+            .lock()
+            .unwrap()
+            .in_progress
+            .entry(action.to_owned())
+            .or_default() += 1;
+        Self {
+            shared,
+            action: action.to_owned(),
+        }
+    }
+}
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self
+            .shared
+            .history
+            .lock()
+            .unwrap()
+            .in_progress
+            .get_mut(&self.action)
+        {
+            *n -= 1;
+        }
     }
 }
 
@@ -444,6 +484,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
             "Request limit exceeded.",
         ));
     }
+    let _underway = Underway::new(&shared, &action);
     let realism = shared.realism();
     if let Some((_, pause)) = realism.delay.filter(|(a, _)| *a == action) {
         tokio::time::sleep(pause).await;
