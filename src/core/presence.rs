@@ -175,8 +175,8 @@ mod tests {
             }
         }
 
-        /// Launches wait until a listing taken after `own_from` was taken in: by then every
-        /// instance a predecessor launched is listed.
+        /// Launches (and users who hold nothing) wait until a listing taken after `own_from`
+        /// was taken in: by then every instance a predecessor launched is listed.
         fn may_launch(&self) -> bool {
             self.synced_at >= self.own_from
         }
@@ -226,29 +226,39 @@ mod tests {
             let mut m = Model::new(max, min_free, now, 0);
             let mut next = 0u128;
             let mut owners: HashMap<InstanceId, UserId> = HashMap::new();
+            let mut told: HashMap<UserId, InstanceId> = HashMap::new();
             for s in steps {
                 match s {
                     Step::Request(u) => {
                         let user = UserId::parse(&format!("u{u}")).unwrap();
-                        match m.pool.request(&user) {
+                        // Before the listings caught up, a user who holds nothing may own an
+                        // instance not listed yet: they wait (here, the request is dropped).
+                        if !m.may_launch() && m.pool.holding(&user).is_none() {
+                            continue;
+                        }
+                        let given = match m.pool.request(&user) {
                             Ok(Grant::Assigned(i)) => {
                                 m.pool.recorded(&i).unwrap();
                                 if let Some(e) = ec2.alive.get_mut(&i) {
                                     e.3 = Some(user.clone());
                                 }
+                                Some(i)
                             }
                             Ok(Grant::Launch(t)) => {
-                                // A user's launch before this process may launch waits: here,
-                                // it is called off.
-                                if !m.may_launch() {
-                                    m.pool.launch_failed(t);
-                                    continue;
-                                }
                                 next += 1;
                                 ec2.alive.insert(id(next), (now, now + LAG / 2, next as u64, Some(user.clone())));
                                 m.pool.launched(t, id(next), Some(&user)).unwrap();
+                                Some(id(next))
                             }
-                            _ => {}
+                            Ok(Grant::Held(i)) => Some(i),
+                            _ => None,
+                        };
+                        // A user told an instance is told that one as long as it lives.
+                        if let Some(i) = given {
+                            if let Some(before) = told.get(&user).filter(|b| ec2.alive.contains_key(*b)) {
+                                prop_assert_eq!(before, &i, "{} was told two instances", user);
+                            }
+                            told.insert(user, i);
                         }
                     }
                     Step::TopUpAndLaunch { lag, lost } => {

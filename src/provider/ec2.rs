@@ -180,6 +180,49 @@ impl Ec2Provider {
     fn tag(key: &str, value: &str) -> Tag {
         Tag::builder().key(key).value(value).build()
     }
+
+    /// Instances carrying this pool's tag.
+    fn pool_filter(&self) -> Filter {
+        Filter::builder()
+            .name(format!("tag:{TAG_POOL}"))
+            .values(&self.pool_name)
+            .build()
+    }
+
+    /// Every instance matching `filters`, page by page.
+    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let client = self.client().await;
+        let mut records = Vec::new();
+        let mut next_token = None;
+        loop {
+            let page = client
+                .describe_instances()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(next_token)
+                .max_results(PAGE_SIZE)
+                .send()
+                .await
+                .map_err(|e| listing_error("DescribeInstances", e))?;
+            for reservation in page.reservations() {
+                for instance in reservation.instances() {
+                    match self.record(instance) {
+                        Some(record) => records.push(record),
+                        None => warn!(
+                            "ignoring an instance without a valid id: {:?}",
+                            instance.instance_id()
+                        ),
+                    }
+                }
+            }
+            next_token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if next_token.is_none() {
+                return Ok(records);
+            }
+        }
+    }
 }
 
 /// An SDK error in words that say what to fix.
@@ -380,12 +423,8 @@ impl Provider for Ec2Provider {
     }
 
     async fn list(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
-        let client = self.client().await;
-        let filters = vec![
-            Filter::builder()
-                .name(format!("tag:{TAG_POOL}"))
-                .values(&self.pool_name)
-                .build(),
+        self.describe(vec![
+            self.pool_filter(),
             // Everything not terminated: stopped ones too, so that the pool terminates them.
             Filter::builder()
                 .name("instance-state-name")
@@ -395,80 +434,19 @@ impl Provider for Ec2Provider {
                         .to_vec(),
                 ))
                 .build(),
-        ];
-        let mut records = Vec::new();
-        let mut next_token = None;
-        loop {
-            let page = client
-                .describe_instances()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(next_token)
-                .max_results(PAGE_SIZE)
-                .send()
-                .await
-                .map_err(|e| listing_error("DescribeInstances", e))?;
-            for reservation in page.reservations() {
-                for instance in reservation.instances() {
-                    match self.record(instance) {
-                        Some(record) => records.push(record),
-                        None => warn!(
-                            "ignoring an instance without a valid id: {:?}",
-                            instance.instance_id()
-                        ),
-                    }
-                }
-            }
-            next_token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if next_token.is_none() {
-                return Ok(records);
-            }
-        }
+        ])
+        .await
     }
 
     async fn lookup(&self, ids: &[InstanceId]) -> Result<Vec<InstanceRecord>, ProviderError> {
-        let client = self.client().await;
         let mut records = Vec::new();
         // A filter, not `InstanceIds`: EC2 fails the whole call if one id is unknown to it.
         for chunk in ids.chunks(FILTER_VALUES) {
-            let filters = vec![
-                Filter::builder()
-                    .name(format!("tag:{TAG_POOL}"))
-                    .values(&self.pool_name)
-                    .build(),
-                Filter::builder()
-                    .name("instance-id")
-                    .set_values(Some(chunk.iter().map(|i| i.as_str().to_owned()).collect()))
-                    .build(),
-            ];
-            let mut next_token = None;
-            loop {
-                let page = client
-                    .describe_instances()
-                    .set_filters(Some(filters.clone()))
-                    .set_next_token(next_token)
-                    .max_results(PAGE_SIZE)
-                    .send()
-                    .await
-                    .map_err(|e| listing_error("DescribeInstances", e))?;
-                for reservation in page.reservations() {
-                    records.extend(
-                        reservation
-                            .instances()
-                            .iter()
-                            .filter_map(|i| self.record(i)),
-                    );
-                }
-                next_token = page
-                    .next_token()
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_owned);
-                if next_token.is_none() {
-                    break;
-                }
-            }
+            let ids = Filter::builder()
+                .name("instance-id")
+                .set_values(Some(chunk.iter().map(|i| i.as_str().to_owned()).collect()))
+                .build();
+            records.extend(self.describe(vec![self.pool_filter(), ids]).await?);
         }
         Ok(records)
     }

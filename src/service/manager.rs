@@ -228,6 +228,43 @@ fn client_token() -> String {
 /// How an owner write ended: recorded, or why not, in words for the caller.
 type RecordOutcome = Result<(), String>;
 
+/// What a request waits for before it asks the pool again.
+enum Wait {
+    /// Nothing: answer with this instance.
+    Done(InstanceId),
+    /// Nothing either: what there was to wait for has ended; ask again.
+    Again,
+    /// The owner write of this instance.
+    Record(InstanceId, watch::Receiver<Option<RecordOutcome>>),
+    /// A launch.
+    Launch(watch::Receiver<Option<LaunchOutcome>>),
+    /// The next listing: after a start, listings may still hide the user's instance.
+    Settling,
+}
+
+/// What a request sets going.
+enum Start {
+    Record(InstanceId),
+    Launch(Ticket),
+}
+
+/// Waits for an outcome at most `limit`: `Ok` when it succeeded (the caller asks the pool
+/// again), the failure's words, or `None` when the time ran out.
+async fn wait_outcome<T: Clone>(
+    mut rx: watch::Receiver<Option<Result<T, String>>>,
+    limit: Duration,
+) -> Result<(), Option<String>> {
+    match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(outcome)) => match outcome.clone() {
+            Some(Err(reason)) => Err(Some(reason)),
+            _ => Ok(()),
+        },
+        // The sender is gone without an outcome: ask the pool again.
+        Ok(Err(_)) => Ok(()),
+        Err(_) => Err(None),
+    }
+}
+
 /// A launch whose answer was lost: its instance may turn up in a listing.
 struct Doubt {
     purpose: String,
@@ -259,9 +296,11 @@ struct State {
 }
 
 impl State {
-    /// Whether launches may be made: a listing taken once the provider's lag since the start
-    /// had passed has been taken in, so no predecessor's instance is hidden from the count.
-    fn may_launch(&self) -> bool {
+    /// Whether the listings have caught up since the start: a listing taken once the
+    /// provider's lag had passed has been taken in, so no predecessor's instance is hidden
+    /// (from the count against the maximum, or from its owner). Until then nothing is
+    /// launched, and users who hold nothing wait.
+    fn caught_up(&self) -> bool {
         self.synced_at >= self.own_launches_from
     }
 
@@ -415,22 +454,36 @@ impl PoolManager {
         let mut rounds = 0;
         while rounds < REQUEST_ROUNDS {
             rounds += 1;
-            match self.grant(user, purpose)? {
-                Some(Grant::Held(id)) => return Ok(self.assignment(&id, user, purpose)),
-                Some(Grant::Recording(id)) => self.wait_recorded(&id).await?,
-                Some(Grant::Assigned(id)) => {
+            let (wait, start) = self.grant(user, purpose)?;
+            match start {
+                Some(Start::Record(id)) => {
                     info!("assigning {id} ({purpose}) to {user}");
-                    tokio::spawn(Arc::clone(self).record_owner(id.clone(), user.clone()));
-                    self.wait_recorded(&id).await?;
+                    tokio::spawn(Arc::clone(self).record_owner(id, user.clone()));
                 }
-                Some(Grant::Launch(ticket)) => {
+                Some(Start::Launch(ticket)) => {
                     tokio::spawn(Arc::clone(self).launch(purpose.to_owned(), ticket, false));
-                    self.wait_for_launch(purpose, ticket).await?;
                 }
-                Some(Grant::Pending(ticket)) => self.wait_for_launch(purpose, ticket).await?,
-                None => {
-                    // A launch is needed, but the provider's listings may still hide a
-                    // predecessor's last launches: wait for the next listing.
+                None => {}
+            }
+            match wait {
+                Wait::Done(id) => return Ok(self.assignment(&id, user, purpose)),
+                Wait::Again => {}
+                Wait::Record(id, rx) => {
+                    wait_outcome(rx, RECORD_WAIT)
+                        .await
+                        .map_err(|failed| match failed {
+                            Some(reason) => ManagerError::LaunchFailed(reason),
+                            None => ManagerError::Recording(id),
+                        })?
+                }
+                Wait::Launch(rx) => wait_outcome(rx, LAUNCH_WAIT).await.map_err(|failed| {
+                    ManagerError::LaunchFailed(failed.unwrap_or_else(|| {
+                        "the launch did not finish in time; send the request again".into()
+                    }))
+                })?,
+                Wait::Settling => {
+                    // The provider's listings may still hide a predecessor's last launches
+                    // (this user's among them): wait for the next listing.
                     if started.elapsed() > self.consistency.listing_lag + RECOVERY_WAIT {
                         return Err(ManagerError::Recovering);
                     }
@@ -445,85 +498,54 @@ impl PoolManager {
         ))
     }
 
-    /// The pool's answer to `user`, with the bookkeeping it needs: `None` when a launch is
-    /// needed that may not be made yet.
-    fn grant(&self, user: &UserId, purpose: &str) -> Result<Option<Grant>, ManagerError> {
+    /// The pool's answer to `user`, turned into what the request waits for (subscribed under
+    /// the lock, so that no outcome is missed) and what it sets going.
+    fn grant(&self, user: &UserId, purpose: &str) -> Result<(Wait, Option<Start>), ManagerError> {
         let mut st = self.lock();
         let st = &mut *st;
-        let may_launch = st.may_launch();
+        let settled = st.caught_up();
         let pool = st.pools.get_mut(purpose).expect("a pool per purpose");
+        // Until the listings have caught up after a start, a user who holds nothing may own
+        // an instance they are not showing yet: neither a free one nor a launch for them.
+        if !settled && pool.holding(user).is_none() {
+            return Ok((Wait::Settling, None));
+        }
         let grant = pool.request(user)?;
-        match &grant {
-            Grant::Launch(ticket) => {
-                if !may_launch {
-                    pool.launch_failed(*ticket);
-                    return Ok(None);
-                }
-                let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
-                match breaker.permit(now_ms(), true) {
-                    Ok(permit) => {
-                        if permit == Permit::Probe {
-                            info!("{purpose}: trying one launch after the pause");
-                        }
-                        st.waits
-                            .insert((purpose.to_owned(), *ticket), watch::channel(None).0);
-                    }
-                    Err(refusal) => {
-                        pool.launch_failed(*ticket);
-                        return Err(ManagerError::LaunchesPaused(paused_message(
-                            purpose, &refusal,
-                        )));
-                    }
+        if let Grant::Launch(ticket) = grant {
+            let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
+            match breaker.permit(now_ms(), true) {
+                Ok(Permit::Probe) => info!("{purpose}: trying one launch after the pause"),
+                Ok(Permit::Launch) => {}
+                Err(refusal) => {
+                    pool.launch_failed(ticket);
+                    return Err(ManagerError::LaunchesPaused(paused_message(
+                        purpose, &refusal,
+                    )));
                 }
             }
-            Grant::Assigned(id) => {
-                st.recordings.insert(id.clone(), watch::channel(None).0);
-                self.upstreams.invalidate(id);
-            }
-            _ => {}
+            st.waits
+                .insert((purpose.to_owned(), ticket), watch::channel(None).0);
         }
-        Ok(Some(grant))
-    }
-
-    /// Waits for the owner write of `id` under way, if any; the caller asks the pool again.
-    async fn wait_recorded(&self, id: &InstanceId) -> Result<(), ManagerError> {
-        let rx = self.lock().recordings.get(id).map(|tx| tx.subscribe());
-        let Some(mut rx) = rx else {
-            return Ok(());
-        };
-        let outcome = match tokio::time::timeout(RECORD_WAIT, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => outcome.clone(),
-            Ok(Err(_)) => None,
-            Err(_) => return Err(ManagerError::Recording(id.clone())),
-        };
-        match outcome {
-            Some(Err(reason)) => Err(ManagerError::LaunchFailed(reason)),
-            _ => Ok(()),
+        if let Grant::Assigned(id) = &grant {
+            st.recordings.insert(id.clone(), watch::channel(None).0);
+            self.upstreams.invalidate(id);
         }
-    }
-
-    /// Waits for the outcome of the launch of `ticket`; the caller asks the pool again.
-    async fn wait_for_launch(&self, purpose: &str, ticket: Ticket) -> Result<(), ManagerError> {
-        let rx = self
-            .lock()
-            .waits
-            .get(&(purpose.to_owned(), ticket))
-            .map(|tx| tx.subscribe());
-        let Some(mut rx) = rx else {
-            return Ok(());
+        let launch_wait = |ticket: Ticket| {
+            st.waits
+                .get(&(purpose.to_owned(), ticket))
+                .map_or(Wait::Again, |tx| Wait::Launch(tx.subscribe()))
         };
-        let outcome = match tokio::time::timeout(LAUNCH_WAIT, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => outcome.clone(),
-            _ => {
-                return Err(ManagerError::LaunchFailed(
-                    "the launch did not finish in time; send the request again".into(),
-                ))
-            }
+        let record_wait = |id: InstanceId| match st.recordings.get(&id) {
+            Some(tx) => Wait::Record(id, tx.subscribe()),
+            None => Wait::Again,
         };
-        match outcome {
-            Some(Err(reason)) => Err(ManagerError::LaunchFailed(reason)),
-            _ => Ok(()),
-        }
+        Ok(match grant {
+            Grant::Held(id) => (Wait::Done(id), None),
+            Grant::Recording(id) => (record_wait(id), None),
+            Grant::Pending(ticket) => (launch_wait(ticket), None),
+            Grant::Assigned(id) => (record_wait(id.clone()), Some(Start::Record(id))),
+            Grant::Launch(ticket) => (launch_wait(ticket), Some(Start::Launch(ticket))),
+        })
     }
 
     /// Records `user` as the owner of `id` with the provider, then lets the waiting callers
@@ -1363,7 +1385,7 @@ impl PoolManager {
         let mut launches = Vec::new();
         {
             let mut st = self.lock();
-            if !st.may_launch() {
+            if !st.caught_up() {
                 return;
             }
             let st = &mut *st;

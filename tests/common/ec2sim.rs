@@ -376,6 +376,27 @@ impl Shared {
             .or_default() += 1;
     }
 
+    /// An injected fault: half the time a dropped connection, else a server error (one that
+    /// says it failed before doing anything, or, `carried_out`, one that says nothing).
+    fn fault(&self, action: &str, carried_out: bool) -> Answer {
+        self.note(action, "fault");
+        if rand::random::<bool>() {
+            Err(Dropped)
+        } else if carried_out {
+            Ok(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "An internal error has occurred.",
+            ))
+        } else {
+            Ok(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "The server is overloaded and can't handle the request.",
+            ))
+        }
+    }
+
     fn is_hidden(&self, id: &str) -> bool {
         let lag = self.realism().lag;
         self.launched
@@ -493,16 +514,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     let fault = rand::random::<f64>() < realism.fault_rate;
     let fault_after = rand::random::<bool>();
     if fault && !fault_after {
-        shared.note(&action, "fault");
-        return if rand::random::<bool>() {
-            Err(Dropped)
-        } else {
-            Ok(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                "The server is overloaded and can't handle the request.",
-            ))
-        };
+        return shared.fault(&action, false);
     }
     let answer = match action.as_str() {
         "RunInstances" => run_instances(&shared, &parts.headers, body, &params).await,
@@ -568,16 +580,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
         }
     };
     if fault && fault_after {
-        shared.note(&action, "fault");
-        return if rand::random::<bool>() {
-            Err(Dropped)
-        } else {
-            Ok(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                "An internal error has occurred.",
-            ))
-        };
+        return shared.fault(&action, true);
     }
     answer
 }
