@@ -55,7 +55,7 @@ fn routing(c: &mut Criterion) {
                 };
                 let id = InstanceId::parse(id).unwrap();
                 let upstream = cache.get(&id).unwrap();
-                let counts = is_user_activity(rest, &upstream.purpose.keepalive_paths);
+                let counts = is_user_activity("POST", rest, &upstream.purpose.keepalive_paths);
                 let target =
                     upstream_path(path, rest, black_box(query), upstream.purpose.strip_prefix);
                 black_box((counts, target))

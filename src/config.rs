@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::core::breaker::BreakerSettings;
 use crate::core::pool::Limits;
+use crate::core::route::Keepalive;
 
 /// The embedded default, also shipped as `conf/local.yaml`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../conf/local.yaml");
@@ -388,8 +389,9 @@ pub struct Purpose {
     pub strip_prefix: bool,
     /// The readiness probe's path, relative to the workspace root.
     pub readiness_path: String,
-    /// Request paths (after the prefix) that are keepalives, not user activity.
-    pub keepalive_paths: Vec<String>,
+    /// Requests (a method and a path after the prefix) that are keepalives, not user
+    /// activity.
+    pub keepalive_paths: Vec<Keepalive>,
     pub idle_timeout: Duration,
     /// The docker image EC2 instances of this purpose run.
     pub image: Option<String>,
@@ -767,7 +769,17 @@ fn build(
                 keepalive_paths: section
                     .keepalive_paths
                     .or(preset.keepalive_paths)
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|rule| Keepalive::parse(rule))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| {
+                        invalid(
+                            "purposes.<name>.keepalive_paths",
+                            None,
+                            format!("purpose `{name}`: {e}"),
+                        )
+                    })?,
                 idle_timeout: Duration::from_millis(timeout_ms.max(1)),
                 image: section.image.or(preset.image),
                 docker_args: section
@@ -1108,7 +1120,7 @@ fn preset(name: &str) -> PurposeSection {
             readiness_path: Some("/images/favicon.ico".into()),
             // RStudio sends non-browser agents from / to a sign-in redirect.
             readiness_user_agent: Some("Mozilla/5.0 (rstudio-pool readiness probe)".into()),
-            keepalive_paths: args(&["/events/get_events"]),
+            keepalive_paths: args(&["POST /events/get_events"]),
             root_path_header: Some("X-RStudio-Root-Path".into()),
             ..PurposeSection::default()
         },
@@ -1132,8 +1144,9 @@ fn preset(name: &str) -> PurposeSection {
             port: Some(8888),
             strip_prefix: Some(false),
             readiness_path: Some("/api".into()),
-            // The lab polls its REST API in the background for as long as a tab is open.
-            keepalive_paths: args(&["/api/*", "/lab/api/*"]),
+            // The lab polls its REST API in the background for as long as a tab is open; its
+            // saves, renames, uploads and kernel starts (not GETs) are the user's.
+            keepalive_paths: args(&["GET /api/*", "GET /lab/api/*"]),
             image: Some("quay.io/jupyter/base-notebook:latest".into()),
             container_command: args(&[
                 "start-notebook.py",

@@ -313,6 +313,107 @@ async fn idle_culling_tells_users_from_keepalives() {
     .await;
 }
 
+/// Idle means no user action (issue 14): a socket whose client only answers pings (as a
+/// browser does for a tab left open) is culled, one that sends data frames is kept; a user
+/// who only saves (`PUT` on a path whose `GET`s are keepalives) is kept, one whose tab only
+/// polls that path is culled.
+#[tokio::test]
+async fn idle_means_no_user_action_pings_and_polls_are_not_saves_are() {
+    const TIMEOUT_MS: u64 = 3000;
+    let server = Server::start(Options {
+        min_free: 0,
+        max: 6,
+        timeout_instance_ms: TIMEOUT_MS,
+        extra_yaml: format!(
+            "{}    keepalive_paths: [\"POST /events/get_events\", \"GET /api/*\"]\n",
+            demo_purpose(300)
+        ),
+        ..Options::default()
+    })
+    .await;
+    let pinger = server.request("answers-pings").await;
+    let writer = server.request("sends-messages").await;
+    let saver = server.request("saves").await;
+    let poller = server.request("tab-polls-api").await;
+    for id in [&pinger, &writer, &saver, &poller] {
+        wait_ready(&server, id).await;
+    }
+    let mut pinging = ws_connect(&server, &pinger).await;
+    let mut writing = ws_connect(&server, &writer).await;
+    let until = Instant::now() + Duration::from_millis(3 * TIMEOUT_MS);
+    let client = server.client().clone();
+    let (save_url, poll_url) = (
+        server.proxy_url(&format!("/{saver}/api/contents/notebook.ipynb")),
+        server.proxy_url(&format!("/{poller}/api/contents/notebook.ipynb")),
+    );
+    while Instant::now() < until {
+        // Control frames both ways on one socket (until its instance is culled and the
+        // socket closed), a message on the other.
+        let _ = pinging
+            .send(Message::Ping(b"are you there".to_vec().into()))
+            .await;
+        let _ = pinging.send(Message::Pong(b"here".to_vec().into())).await;
+        echo(&mut writing, "a cell run").await;
+        let saved = client
+            .put(&save_url)
+            .body("{\"content\": 1}")
+            .send()
+            .await
+            .unwrap();
+        assert!(saved.status().as_u16() < 500, "{}", saved.status());
+        let _ = client.get(&poll_url).send().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(
+        !is_known(&server, &pinger).await,
+        "a socket that only exchanged pings kept its instance"
+    );
+    assert!(
+        !is_known(&server, &poller).await,
+        "a tab polling a keepalive path kept its instance"
+    );
+    assert!(
+        is_known(&server, &writer).await,
+        "a socket in use was culled"
+    );
+    assert!(
+        is_known(&server, &saver).await,
+        "a user who saves was culled"
+    );
+}
+
+/// The idle clock starts when the workspace is ready, not at the request: a workspace that
+/// takes longer to start than the timeout is not culled before its user could reach it.
+#[tokio::test]
+async fn the_idle_clock_starts_when_the_workspace_is_ready() {
+    const TIMEOUT_MS: u64 = 3000;
+    let server = Server::start(Options {
+        min_free: 0,
+        timeout_instance_ms: TIMEOUT_MS,
+        // A workspace that takes 4 s to start, as JupyterLab can on a busy machine.
+        extra_yaml: "purposes:\n  rstudio:\n    command: [\"sh\", \"-c\", \"sleep 4 && exec \\\"$0\\\" demo-workspace --port {port} --instance-id {instance_id}\", \"{exe}\"]\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("slow-start").await;
+    let ready_at = eventually("the workspace is ready", WAIT, || async {
+        let (_, body) = server
+            .command("GET_STATUS", json!({"instanceId": id}))
+            .await;
+        (body["instance"]["state"] == json!("ready")).then(Instant::now)
+    })
+    .await;
+    let culled_at = eventually("the unvisited instance is culled", WAIT, || async {
+        (!is_known(&server, &id).await).then(Instant::now)
+    })
+    .await;
+    let after_ready = culled_at - ready_at;
+    assert!(
+        after_ready >= Duration::from_millis(TIMEOUT_MS - 500),
+        "culled {after_ready:?} after it became ready, within the {TIMEOUT_MS} ms timeout"
+    );
+}
+
 #[tokio::test]
 async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
     const TIMEOUT_MS: u64 = 4000;

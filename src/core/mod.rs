@@ -14,3 +14,4 @@ pub mod pool;
 pub mod presence;
 pub mod route;
 pub mod token;
+pub mod wsframe;

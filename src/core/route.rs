@@ -167,17 +167,67 @@ pub fn rewrite_set_cookie(cookie: &str, id: &str) -> Option<String> {
     changed.then(|| parts.join("; "))
 }
 
-/// Whether a request is a user's activity, or one of the purpose's keepalives (RStudio's
-/// `POST /events/get_events` long poll, which an idle open tab sends forever). `path` is
-/// relative to the workspace root (the prefix stripped); a keepalive pattern ending in `*`
-/// matches by prefix.
-pub fn is_user_activity(path: &str, keepalive_paths: &[String]) -> bool {
-    !keepalive_paths
-        .iter()
-        .any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => path.starts_with(prefix),
-            None => path == pattern,
+/// A request that is not a user's action but a purpose's keepalive: RStudio's
+/// `POST /events/get_events` long poll, which an idle open tab sends forever, or JupyterLab's
+/// background `GET`s of its REST API. Written `METHOD /path` or `/path`; without a method it
+/// matches `GET` and `HEAD` only, so that a save, an upload or a kernel start on the same
+/// paths counts as the user's. The path is relative to the workspace root (the prefix
+/// stripped); a `*` at its end matches by prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keepalive {
+    method: Option<String>,
+    pattern: String,
+}
+
+impl Keepalive {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (method, pattern) = match text.trim().split_once(' ') {
+            Some((method, pattern)) => (Some(method.trim()), pattern.trim()),
+            None => (None, text.trim()),
+        };
+        if let Some(method) = method {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(format!(
+                    "`{text}`: the method must be an upper-case HTTP method like GET or POST, followed by one space and the path"
+                ));
+            }
+        }
+        if !pattern.starts_with('/') || pattern.contains(char::is_whitespace) {
+            return Err(format!(
+                "`{text}`: write `METHOD /path` or `/path`, the path starting with `/` (a `*` at its end matches by prefix)"
+            ));
+        }
+        Ok(Self {
+            method: method.map(str::to_owned),
+            pattern: pattern.to_owned(),
         })
+    }
+
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        let method_matches = match &self.method {
+            Some(m) => m == method,
+            None => method == "GET" || method == "HEAD",
+        };
+        method_matches
+            && match self.pattern.strip_suffix('*') {
+                Some(prefix) => path.starts_with(prefix),
+                None => path == self.pattern,
+            }
+    }
+}
+
+impl std::fmt::Display for Keepalive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.method {
+            Some(m) => write!(f, "{m} {}", self.pattern),
+            None => f.write_str(&self.pattern),
+        }
+    }
+}
+
+/// Whether a request is a user's action, not one of the purpose's keepalives.
+pub fn is_user_activity(method: &str, path: &str, keepalives: &[Keepalive]) -> bool {
+    !keepalives.iter().any(|k| k.matches(method, path))
 }
 
 /// `X-Forwarded-Port` for a `Host` header: its port, or the scheme's default.
@@ -335,11 +385,26 @@ mod tests {
 
     #[test]
     fn keepalives_are_not_activity() {
-        let keepalives = vec!["/events/get_events".to_owned(), "/api/status*".to_owned()];
-        assert!(!is_user_activity("/events/get_events", &keepalives));
-        assert!(!is_user_activity("/api/status/kernels", &keepalives));
-        assert!(is_user_activity("/events/get_events2", &keepalives));
-        assert!(is_user_activity("/rpc/console_input", &keepalives));
+        let rules: Vec<Keepalive> = ["POST /events/get_events", "/api/status*", "GET /api/*"]
+            .iter()
+            .map(|r| Keepalive::parse(r).unwrap())
+            .collect();
+        assert!(!is_user_activity("POST", "/events/get_events", &rules));
+        assert!(is_user_activity("GET", "/events/get_events", &rules));
+        assert!(!is_user_activity("GET", "/api/status/kernels", &rules));
+        assert!(!is_user_activity("HEAD", "/api/status", &rules));
+        // A save, a rename, an upload on a polled path: the user's.
+        assert!(is_user_activity("PUT", "/api/contents/a.ipynb", &rules));
+        assert!(is_user_activity("PATCH", "/api/contents/a.ipynb", &rules));
+        assert!(is_user_activity("POST", "/api/sessions", &rules));
+        assert!(!is_user_activity("GET", "/api/contents/a.ipynb", &rules));
+        assert!(is_user_activity("POST", "/events/get_events2", &rules));
+        assert!(is_user_activity("POST", "/rpc/console_input", &rules));
+        assert_eq!(rules[0].to_string(), "POST /events/get_events");
+        assert_eq!(rules[1].to_string(), "/api/status*");
+        for bad in ["get /x", "POST", "POST  ", "events", "POST x", "/a b"] {
+            assert!(Keepalive::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -491,6 +491,7 @@ impl Connection {
 
 /// A request head as the client sent it, for [`EdgeProxy::admit`].
 struct RawHead<'h, 'b> {
+    method: &'b str,
     target: &'b str,
     headers: &'h [httparse::Header<'b>],
 }
@@ -505,6 +506,10 @@ impl RawHead<'_, '_> {
 }
 
 impl Head for RawHead<'_, '_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+
     fn target(&self) -> &[u8] {
         self.target.as_bytes()
     }
@@ -550,6 +555,7 @@ pub(super) fn plan(
         return None;
     }
     let head = RawHead {
+        method,
         target,
         headers: req.headers,
     };
@@ -972,6 +978,7 @@ mod tests {
             "/a?b/c?d",
         ] {
             let head = RawHead {
+                method: "GET",
                 target,
                 headers: &[],
             };
@@ -987,7 +994,7 @@ mod tests {
         fn every_target_taken_is_read_as_pingora_reads_it(target in "/[!-~]{0,40}") {
             proptest::prop_assume!(plain_target(&target));
             let uri: http::Uri = target.parse().expect("http::Uri takes it");
-            let head = RawHead { target: &target, headers: &[] };
+            let head = RawHead { method: "GET", target: &target, headers: &[] };
             proptest::prop_assert_eq!(head.path(), uri.path());
             proptest::prop_assert_eq!(head.query(), uri.query());
         }

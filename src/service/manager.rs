@@ -195,6 +195,9 @@ struct Known {
     activity: Arc<AtomicU64>,
     /// The last activity saved in the instance's tags.
     saved_activity: u64,
+    /// Launched by this process: its idle clock starts when it becomes ready. (One adopted
+    /// after a restart keeps the clock its tags saved.)
+    fresh: bool,
 }
 
 impl Known {
@@ -207,6 +210,7 @@ impl Known {
             assigned_at,
             activity: Arc::new(AtomicU64::new(saved_activity)),
             saved_activity,
+            fresh: false,
         }
     }
 }
@@ -902,6 +906,7 @@ impl PoolManager {
                         if owner.is_some() && known.assigned_at.is_none() {
                             known.assigned_at = Some(now_ms());
                         }
+                        known.fresh = true;
                         st.known.insert(id.clone(), known);
                         // A user took over this launch while it ran: record them now.
                         if let Some(user) = instance.filter(|i| !i.recorded).and_then(|i| i.owner) {
@@ -1103,7 +1108,8 @@ impl PoolManager {
     }
 
     /// Terminates assigned instances whose user has been idle longer than the purpose's
-    /// timeout (counted from the assignment when they never came), and saves the activity
+    /// timeout (counted from the assignment, or from when the workspace became ready, when
+    /// they never came), and saves the activity
     /// of the others in their tags now and then so that a restart keeps their deadlines.
     async fn reap_idle(&self) {
         let now = now_ms();
@@ -1116,9 +1122,9 @@ impl PoolManager {
                 else {
                     continue;
                 };
-                if instance.owner.is_none()
-                    || !instance.recorded
-                    || instance.phase == Phase::Terminating
+                // Only a ready workspace can see its user: one still starting is the
+                // readiness timeout's.
+                if instance.owner.is_none() || !instance.recorded || instance.phase != Phase::Ready
                 {
                     continue;
                 }
@@ -1350,6 +1356,10 @@ impl PoolManager {
                 let mut st = self.lock();
                 if let Some(pool) = st.pools.get_mut(&purpose) {
                     let _ = pool.mark_ready(&id);
+                }
+                // The user could not act before now: their idle clock starts here.
+                if let Some(known) = st.known.get(&id).filter(|k| k.fresh) {
+                    known.activity.fetch_max(now, Ordering::Relaxed);
                 }
                 if let Some(breaker) = st.breakers.get_mut(&purpose) {
                     if breaker.is_open() {

@@ -29,6 +29,7 @@ use crate::core::route::{
     strip_upstream_origin, upstream_path, Target,
 };
 use crate::core::token::{Claims, Kind, Signer};
+use crate::core::wsframe::FrameScanner;
 use crate::provider::process::now_ms;
 
 /// Cheap to clone: the caches and the manager are shared, so the WebSocket tunnel
@@ -169,6 +170,8 @@ pub(super) enum Destination {
 pub struct RequestCtx {
     destination: Option<Destination>,
     address: Option<SocketAddr>,
+    /// For a WebSocket: the client's frames, so that only its data frames count.
+    frames: Option<FrameScanner>,
 }
 
 fn escape_html(text: &str) -> String {
@@ -611,6 +614,7 @@ fn ip_text(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
 /// What the proxy's decisions read from a request head. Pingora's `RequestHeader` and the
 /// edge's own parse ([`super::forward`]) both give it, so both paths decide alike.
 pub(super) trait Head {
+    fn method(&self) -> &str;
     /// The request target as sent.
     fn target(&self) -> &[u8];
     fn path(&self) -> &str;
@@ -622,6 +626,10 @@ pub(super) trait Head {
 }
 
 impl Head for RequestHeader {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
     fn target(&self) -> &[u8] {
         self.raw_path()
     }
@@ -657,14 +665,15 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
 /// Where a request for a ready instance goes, and whether it is a user's.
 fn destination(
     upstream: Arc<Upstream>,
+    method: &str,
     full_path: &str,
     rest: &str,
     query: Option<&str>,
     prefixed: bool,
     upgrade: bool,
 ) -> Destination {
-    // Keepalive paths describe plain requests; on a socket, what the client sends counts.
-    let counts = upgrade || is_user_activity(rest, &upstream.purpose.keepalive_paths);
+    // Keepalives describe plain requests; on a socket, the client's data frames count.
+    let counts = upgrade || is_user_activity(method, rest, &upstream.purpose.keepalive_paths);
     let strip = upstream.purpose.strip_prefix || !prefixed;
     let path = upstream_path(full_path, rest, query, strip);
     Destination::Instance {
@@ -706,7 +715,13 @@ impl EdgeProxy {
             return None;
         }
         Some(destination(
-            upstream, full_path, rest, query, prefixed, upgrade,
+            upstream,
+            req.method(),
+            full_path,
+            rest,
+            query,
+            prefixed,
+            upgrade,
         ))
     }
 
@@ -737,6 +752,7 @@ impl EdgeProxy {
         } else {
             self.config.downstream_read_timeout
         });
+        ctx.frames = upgrade.then(FrameScanner::default);
         ctx.destination = Some(destination);
     }
 
@@ -814,6 +830,7 @@ impl EdgeProxy {
         }
         let destination = destination(
             upstream,
+            session.req_header().method.as_str(),
             &full_path,
             rest,
             query.as_deref(),
@@ -1087,14 +1104,22 @@ impl ProxyHttp for EdgeProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Request bodies and, after an upgrade, the client's WebSocket frames.
+        // Request bodies and, after an upgrade, the client's WebSocket frames, of which only
+        // data frames are the user's (a browser answers pings on its own).
         if let Some(Destination::Instance {
             upstream,
             counts: true,
             ..
         }) = &ctx.destination
         {
-            if body.as_ref().is_some_and(|b| !b.is_empty()) {
+            let Some(body) = body.as_ref().filter(|b| !b.is_empty()) else {
+                return Ok(());
+            };
+            let counts = match ctx.frames.as_mut() {
+                Some(frames) => frames.feed(body),
+                None => true,
+            };
+            if counts {
                 upstream.touch(now_ms());
             }
         }

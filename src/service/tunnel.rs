@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::edge::{MAX_HEAD, MAX_HEADERS};
 use super::forward::Connection;
 use super::proxy::{Destination, EdgeProxy};
+use crate::core::wsframe::FrameScanner;
 use crate::provider::process::now_ms;
 
 /// What the relay reads at once, on the stack: an idle socket holds no buffer.
@@ -153,11 +154,18 @@ pub(super) async fn tunnel(
     if counts {
         upstream.touch(now_ms());
     }
-    let result = relay(client, &mut server, config.websocket_idle_timeout, || {
-        if counts {
-            upstream.touch(now_ms());
-        }
-    })
+    // Only the client's data frames are the user's: a browser answers pings on its own.
+    let mut frames = FrameScanner::default();
+    let result = relay(
+        client,
+        &mut server,
+        config.websocket_idle_timeout,
+        |bytes| {
+            if counts && frames.feed(bytes) {
+                upstream.touch(now_ms());
+            }
+        },
+    )
     .await;
     log::debug!("WebSocket tunnel to {} closed: {result:?}", upstream.id);
     true
@@ -213,7 +221,7 @@ async fn relay(
     client: &mut L4Stream,
     server: &mut TcpStream,
     idle: Option<Duration>,
-    on_client_data: impl Fn(),
+    mut on_client_bytes: impl FnMut(&[u8]),
 ) -> io::Result<()> {
     let mut up = Pump::default();
     let mut down = Pump::default();
@@ -221,11 +229,8 @@ async fn relay(
     let mut timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
     poll_fn(|cx| {
         let (mut sent, mut received) = (false, false);
-        let up_state = up.poll(cx, client, server, &mut sent);
-        if sent {
-            on_client_data();
-        }
-        let down_state = down.poll(cx, server, client, &mut received);
+        let up_state = up.poll(cx, client, server, &mut sent, &mut on_client_bytes);
+        let down_state = down.poll(cx, server, client, &mut received, &mut |_| {});
         match (up_state, down_state) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => return Poll::Ready(Err(e)),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(Ok(())),
@@ -269,6 +274,7 @@ impl Pump {
         src: &mut R,
         dst: &mut W,
         moved: &mut bool,
+        seen: &mut impl FnMut(&[u8]),
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
@@ -308,6 +314,7 @@ impl Pump {
                 continue;
             }
             *moved = true;
+            seen(data);
             self.flush = true;
             match Pin::new(&mut *dst).poll_write(cx, data) {
                 Poll::Ready(Ok(n)) if n == data.len() => {}
