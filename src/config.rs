@@ -226,6 +226,12 @@ struct PurposeSection {
     root_path_header: Option<String>,
     image_id: Option<String>,
     instance_type: Option<String>,
+    on_idle: Option<String>,
+    max_paused_instances: Option<usize>,
+    paused_ttl_hours: Option<u64>,
+    root_volume_gb: Option<u32>,
+    root_volume_encrypted: Option<bool>,
+    root_device_name: Option<String>,
 }
 
 // ---- The validated configuration ----
@@ -409,6 +415,28 @@ pub struct Purpose {
     /// This purpose's AMI and instance type on EC2, over the provider's.
     pub image_id: Option<String>,
     pub instance_type: Option<String>,
+    /// What happens to an instance whose user has been idle past the timeout.
+    pub on_idle: OnIdle,
+    /// Paused instances of this purpose at most (the oldest are terminated past it).
+    pub max_paused: Option<usize>,
+    /// How long an instance stays paused before it is terminated.
+    pub paused_ttl: Duration,
+    /// The EC2 root volume: its size in GiB (the AMI's when `None`), whether it is encrypted,
+    /// and the device name the AMI gives it.
+    pub root_volume_gb: Option<u32>,
+    pub root_volume_encrypted: bool,
+    pub root_device_name: String,
+}
+
+/// What idleness does to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIdle {
+    /// Stop it with its disk (the user's files) kept; the owner's next request resumes it.
+    Stop,
+    /// Stop it with its memory too (EC2 hibernation: the R session comes back as it was).
+    Hibernate,
+    /// Terminate it (the original service's behaviour): its work is gone.
+    Terminate,
 }
 
 impl Purpose {
@@ -757,6 +785,36 @@ fn build(
         let timeout_ms = section
             .timeout_instance_ms
             .unwrap_or(file.proxy.timeout_instance_ms);
+        let on_idle = match section.on_idle.as_deref().unwrap_or("stop") {
+            "stop" => OnIdle::Stop,
+            "hibernate" => OnIdle::Hibernate,
+            "terminate" => OnIdle::Terminate,
+            other => {
+                return Err(invalid(
+                    "purposes.<name>.on_idle",
+                    None,
+                    format!("`{other}` (purpose `{name}`): use `stop` (keep the user's files), `hibernate` (EC2: their memory too) or `terminate`"),
+                ))
+            }
+        };
+        if on_idle == OnIdle::Hibernate
+            && provider == ProviderKind::Ec2
+            && !(section.root_volume_encrypted == Some(true) && section.root_volume_gb.is_some())
+        {
+            return Err(invalid(
+                "purposes.<name>.root_volume_gb",
+                None,
+                format!("purpose `{name}` hibernates on EC2, which needs an encrypted root volume large enough for the instance's memory and the system: set root_volume_gb (memory plus the AMI's size) and root_volume_encrypted: true"),
+            ));
+        }
+        let paused_ttl_hours = section.paused_ttl_hours.unwrap_or(336);
+        if paused_ttl_hours == 0 {
+            return Err(invalid(
+                "purposes.<name>.paused_ttl_hours",
+                None,
+                format!("purpose `{name}`: must be at least 1 hour (use on_idle: terminate to keep nothing)"),
+            ));
+        }
         purposes.insert(
             name.clone(),
             Purpose {
@@ -801,6 +859,14 @@ fn build(
                     .filter(|h| !h.is_empty()),
                 image_id: section.image_id.or(preset.image_id),
                 instance_type: section.instance_type.or(preset.instance_type),
+                on_idle,
+                max_paused: section.max_paused_instances,
+                paused_ttl: Duration::from_secs(paused_ttl_hours.saturating_mul(3600)),
+                root_volume_gb: section.root_volume_gb,
+                root_volume_encrypted: section.root_volume_encrypted.unwrap_or(false),
+                root_device_name: section
+                    .root_device_name
+                    .unwrap_or_else(|| "/dev/xvda".into()),
             },
         );
     }

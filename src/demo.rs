@@ -15,11 +15,16 @@
 //!   headers as the workspace received them, as JSON;
 //! - `GET /stream?chunks=N&size=S[&gap_ms=G]` answers N pieces of S bytes, each sent on its
 //!   own G ms apart (chunked encoding; 2 ms by default), as a workspace streaming output does;
+//! - `GET /notes` answers the notes saved in its working folder (`notes.txt`), `PUT /notes`
+//!   saves them, and the page shows them: the user's work that a pause must keep;
 //! - `GET /connections` counts the HTTP connections accepted and closed so far, and
 //!   `POST /close-idle` closes every connection as soon as it is idle, as a workspace whose
 //!   keep-alive timeout ran out would. The tests use these to see a proxy's kept connections.
 
 use std::convert::Infallible;
+
+/// The user's notes, in the workspace's working folder.
+const NOTES: &str = "notes.txt";
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -141,12 +146,18 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
     let method = req.method().clone();
     let response = match (method.as_str(), path.as_str()) {
         ("GET", "/") => {
+            let notes = std::fs::read_to_string(NOTES).unwrap_or_default();
             let page = format!(
                 "<!doctype html><html><head><title>Demo workspace {id}</title></head>\
                  <body><h1>Demo workspace</h1><p>This is instance <code id=\"instance\">{id}</code>.</p>\
-                 <p>Root path: <code>{root}</code></p></body></html>\n",
+                 <p>Root path: <code>{root}</code></p>\
+                 <p>Your notes (<code>PUT {root}notes</code> saves them):</p><pre id=\"notes\">{notes}</pre></body></html>\n",
                 id = options.instance_id,
                 root = if root.is_empty() { "/" } else { &root },
+                notes = notes
+                    .replace('&', "&amp;")
+                    .replace('<', "&lt;")
+                    .replace('>', "&gt;"),
             );
             let mut r = reply(StatusCode::OK, "text/html; charset=utf-8", page);
             let cookie_path = if root.is_empty() { "/" } else { &root };
@@ -159,6 +170,22 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
             }
             r
         }
+        ("GET", "/notes") => reply(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            std::fs::read(NOTES).unwrap_or_default(),
+        ),
+        ("PUT", "/notes") => match req.into_body().collect().await {
+            Ok(body) => match std::fs::write(NOTES, body.to_bytes()) {
+                Ok(()) => reply(StatusCode::OK, "text/plain", "saved\n"),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("cannot save the notes: {e}\n"),
+                ),
+            },
+            Err(_) => reply(StatusCode::BAD_REQUEST, "text/plain", "no body\n"),
+        },
         ("GET", "/images/favicon.ico") => reply(StatusCode::OK, "image/x-icon", &b"\0\0\x01\0"[..]),
         ("GET", "/redirect") => redirect(&format!("{root}/landed")),
         ("GET", "/redirect-root") => redirect("/landed"),

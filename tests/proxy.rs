@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, is_known, wait_ready, DemoProcess, Options, Raw, Server};
+use common::{eventually, is_running, wait_ready, DemoProcess, Options, Raw, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -292,15 +292,15 @@ async fn idle_culling_tells_users_from_keepalives() {
     polling.await.unwrap();
 
     assert!(
-        !is_known(&server, &poller).await,
+        !is_running(&server, &poller).await,
         "an instance kept busy only by long polls survived"
     );
     assert!(
-        !is_known(&server, &silent).await,
+        !is_running(&server, &silent).await,
         "a silent open socket kept its instance alive"
     );
     assert!(
-        is_known(&server, &typist).await,
+        is_running(&server, &typist).await,
         "an instance in use was culled"
     );
     echo(&mut typing, "after").await;
@@ -308,7 +308,7 @@ async fn idle_culling_tells_users_from_keepalives() {
     eventually(
         "the typist's instance is culled after they stop",
         WAIT,
-        || async { (!is_known(&server, &typist).await).then_some(()) },
+        || async { (!is_running(&server, &typist).await).then_some(()) },
     )
     .await;
 }
@@ -365,19 +365,19 @@ async fn idle_means_no_user_action_pings_and_polls_are_not_saves_are() {
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     assert!(
-        !is_known(&server, &pinger).await,
+        !is_running(&server, &pinger).await,
         "a socket that only exchanged pings kept its instance"
     );
     assert!(
-        !is_known(&server, &poller).await,
+        !is_running(&server, &poller).await,
         "a tab polling a keepalive path kept its instance"
     );
     assert!(
-        is_known(&server, &writer).await,
+        is_running(&server, &writer).await,
         "a socket in use was culled"
     );
     assert!(
-        is_known(&server, &saver).await,
+        is_running(&server, &saver).await,
         "a user who saves was culled"
     );
 }
@@ -404,7 +404,7 @@ async fn the_idle_clock_starts_when_the_workspace_is_ready() {
     })
     .await;
     let culled_at = eventually("the unvisited instance is culled", WAIT, || async {
-        (!is_known(&server, &id).await).then(Instant::now)
+        (!is_running(&server, &id).await).then(Instant::now)
     })
     .await;
     let after_ready = culled_at - ready_at;
@@ -428,11 +428,11 @@ async fn an_unvisited_instance_is_culled_on_time_across_a_restart() {
     server.kill9();
     server.restart().await;
     assert!(
-        is_known(&server, &id).await,
+        is_running(&server, &id).await,
         "the restart lost the assignment"
     );
     eventually("the unvisited instance is culled", WAIT, || async {
-        (!is_known(&server, &id).await).then_some(())
+        (!is_running(&server, &id).await).then_some(())
     })
     .await;
     let culled_after = assigned_at.elapsed();

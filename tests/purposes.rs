@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, is_known, wait_ready, Options, Server};
+use common::{eventually, is_known, is_running, wait_ready, Options, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -106,11 +106,11 @@ async fn two_purposes_keep_their_own_sizes_and_timeouts() {
 
     // Culling follows each purpose's timeout: RStudio's 3 s, JupyterLab's 10 minutes.
     eventually("ana's unvisited RStudio is culled", WAIT, || async {
-        (!is_known(&server, &rstudio).await).then_some(())
+        (!is_running(&server, &rstudio).await).then_some(())
     })
     .await;
     assert!(
-        is_known(&server, &jupyter).await,
+        is_running(&server, &jupyter).await,
         "JupyterLab was culled with RStudio's timeout"
     );
 }
@@ -203,7 +203,7 @@ async fn jupyterlab_runs_code_through_the_proxy_and_its_polling_is_not_activity(
     // JupyterLab's background polling of its REST API does not keep the instance alive.
     let started = Instant::now();
     let polling = async {
-        while is_known(&server, &id).await {
+        while is_running(&server, &id).await {
             for path in [
                 "api/kernels",
                 "api/sessions",

@@ -7,7 +7,8 @@
 //! - I1: a user holds at most one live instance (or one pending launch);
 //! - I2: an instance gets an owner at most once and keeps it until it is gone, and nobody is
 //!   told an instance is theirs before the provider has recorded it ([`Grant::Recording`]);
-//! - I3: live instances, pending launches included, never exceed `max`;
+//! - I3: live instances, pending launches and resuming ones included, never exceed `max`;
+//!   paused instances use no compute and do not count;
 //! - I4: [`Pool::top_up`] brings free capacity up to `min_free` as far as `max` allows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,6 +37,11 @@ pub enum Phase {
     Ready,
     /// Termination has begun; it still counts against `max` until it is gone.
     Terminating,
+    /// Stopped while its owner was away, their work kept: it is theirs alone, and it does
+    /// not count against `max`.
+    Paused,
+    /// Its owner came back: starting again. Counts against `max` like a launch.
+    Resuming,
 }
 
 /// One instance the pool knows.
@@ -46,6 +52,9 @@ pub struct Instance {
     /// Whether the provider has recorded the owner (the EC2 tag is written). Until it has, the
     /// owner is not told the instance is theirs: a restart would see a free instance.
     pub recorded: bool,
+    /// Stopped (paused, or terminating after a pause): it uses no compute and does not count
+    /// against `max`.
+    pub stopped: bool,
 }
 
 impl Instance {
@@ -74,6 +83,9 @@ pub enum Grant {
     Assigned(InstanceId),
     /// A launch for this user is under way already: wait for its outcome.
     Pending(Ticket),
+    /// The user's instance is paused and was just marked resuming: start it at the
+    /// provider, then call [`Pool::resumed`] or [`Pool::resume_failed`].
+    Resume(InstanceId),
     /// No free instance: launch one for this user under this ticket.
     Launch(Ticket),
 }
@@ -87,6 +99,8 @@ pub enum PoolError {
     UnknownInstance(InstanceId),
     #[error("launch {0:?} is not pending")]
     UnknownTicket(Ticket),
+    #[error("your workspace {id} is paused, and the pool is at its maximum of {max} running instances; try again when an instance has been released, or raise MAX_INSTANCES")]
+    FullForResume { id: InstanceId, max: usize },
 }
 
 /// How an instance found at the provider was taken in by [`Pool::adopt`].
@@ -109,6 +123,8 @@ pub struct Census {
     pub free_ready: usize,
     pub free_launching: usize,
     pub pending_launches: usize,
+    pub paused: usize,
+    pub resuming: usize,
     /// Launches whose answer was lost: they may have made an instance not listed yet.
     pub launches_in_doubt: usize,
     pub terminating: usize,
@@ -130,6 +146,8 @@ pub struct Pool {
     /// instances spent more time in that scan than in any other function of ours).
     free_ready: BTreeSet<InstanceId>,
     free_launching: BTreeSet<InstanceId>,
+    /// How many instances are stopped: kept in step like the free index.
+    stopped: usize,
     next_ticket: u64,
 }
 
@@ -143,13 +161,15 @@ impl Pool {
             holdings: HashMap::new(),
             free_ready: BTreeSet::new(),
             free_launching: BTreeSet::new(),
+            stopped: 0,
             next_ticket: 1,
         }
     }
 
-    /// Live instances, pending launches and launches in doubt: what `max` bounds.
+    /// Live instances (paused ones use no compute), pending launches and launches in doubt:
+    /// what `max` bounds.
     pub fn live(&self) -> usize {
-        self.instances.len() + self.pending.len() + self.in_doubt.len()
+        self.instances.len() - self.stopped + self.pending.len() + self.in_doubt.len()
     }
 
     /// Free capacity: unowned instances that are not terminating, and unowned pending launches.
@@ -175,6 +195,9 @@ impl Pool {
         if let Some(index) = self.index_of(&instance) {
             index.insert(id.clone());
         }
+        if instance.stopped {
+            self.stopped += 1;
+        }
         self.instances.insert(id, instance);
     }
 
@@ -183,6 +206,9 @@ impl Pool {
         let instance = self.instances.remove(id)?;
         if let Some(index) = self.index_of(&instance) {
             index.remove(id);
+        }
+        if instance.stopped {
+            self.stopped -= 1;
         }
         Some(instance)
     }
@@ -222,6 +248,8 @@ impl Pool {
         for instance in self.instances.values() {
             match (instance.phase, &instance.owner) {
                 (Phase::Terminating, _) => census.terminating += 1,
+                (Phase::Paused, _) => census.paused += 1,
+                (Phase::Resuming, _) => census.resuming += 1,
                 (_, Some(_)) => census.assigned += 1,
                 (Phase::Ready, None) => census.free_ready += 1,
                 (Phase::Launching, None) => census.free_launching += 1,
@@ -234,11 +262,27 @@ impl Pool {
     pub fn request(&mut self, user: &UserId) -> Result<Grant, PoolError> {
         match self.holdings.get(user) {
             Some(Holding::Instance(id)) => {
-                let recorded = self.instances.get(id).is_some_and(|i| i.recorded);
+                let id = id.clone();
+                let instance = self.instances.get(&id);
+                if instance.is_some_and(|i| i.phase == Phase::Paused) {
+                    // The user's work is on it: resume it, never hand out another (I6).
+                    if self.live() >= self.limits.max {
+                        return Err(PoolError::FullForResume {
+                            id,
+                            max: self.limits.max,
+                        });
+                    }
+                    self.update(&id, |i| {
+                        i.phase = Phase::Resuming;
+                        i.stopped = false;
+                    })?;
+                    return Ok(Grant::Resume(id));
+                }
+                let recorded = instance.is_some_and(|i| i.recorded);
                 return Ok(if recorded {
-                    Grant::Held(id.clone())
+                    Grant::Held(id)
                 } else {
-                    Grant::Recording(id.clone())
+                    Grant::Recording(id)
                 });
             }
             Some(Holding::Pending(ticket)) => return Ok(Grant::Pending(*ticket)),
@@ -314,6 +358,7 @@ impl Pool {
                 phase: Phase::Launching,
                 owner,
                 recorded,
+                stopped: false,
             },
         );
         Ok(())
@@ -354,8 +399,36 @@ impl Pool {
     /// The instance answers its readiness probe.
     pub fn mark_ready(&mut self, id: &InstanceId) -> Result<(), PoolError> {
         self.update(id, |instance| {
-            if instance.phase == Phase::Launching {
+            if matches!(instance.phase, Phase::Launching | Phase::Resuming) {
                 instance.phase = Phase::Ready;
+            }
+        })
+    }
+
+    /// The owner left it idle: it is stopped with their work kept. Only an owned, recorded
+    /// instance that is not ending can be paused; returns whether it was.
+    pub fn pause(&mut self, id: &InstanceId) -> Result<bool, PoolError> {
+        self.update(id, |instance| {
+            let pausable = instance.owner.is_some()
+                && instance.recorded
+                && matches!(
+                    instance.phase,
+                    Phase::Ready | Phase::Launching | Phase::Resuming
+                );
+            if pausable {
+                instance.phase = Phase::Paused;
+                instance.stopped = true;
+            }
+            pausable
+        })
+    }
+
+    /// Starting a resuming instance failed: it is paused again, still its owner's.
+    pub fn resume_failed(&mut self, id: &InstanceId) -> Result<(), PoolError> {
+        self.update(id, |instance| {
+            if instance.phase == Phase::Resuming {
+                instance.phase = Phase::Paused;
+                instance.stopped = true;
             }
         })
     }
@@ -394,6 +467,8 @@ impl Pool {
             return Adoption::Known;
         }
         match &owner {
+            // Paused is only for someone's instance.
+            None if phase == Phase::Paused => return Adoption::Surplus,
             Some(user) if self.holdings.contains_key(user) => return Adoption::Surplus,
             Some(user) => {
                 self.holdings
@@ -408,6 +483,7 @@ impl Pool {
                 phase,
                 owner,
                 recorded: true,
+                stopped: phase == Phase::Paused,
             },
         );
         Adoption::Adopted
@@ -486,6 +562,25 @@ impl Pool {
             != self.instances.values().filter(|i| i.is_free()).count()
         {
             return Err("the free index holds instances the pool does not".into());
+        }
+        let stopped = self.instances.values().filter(|i| i.stopped).count();
+        if stopped != self.stopped {
+            return Err(format!("{} stopped counted as {}", stopped, self.stopped));
+        }
+        for (id, instance) in &self.instances {
+            if matches!(instance.phase, Phase::Paused | Phase::Resuming) && instance.owner.is_none()
+            {
+                return Err(format!("{id} is {:?} without an owner", instance.phase));
+            }
+            let stopped_phase = matches!(instance.phase, Phase::Paused | Phase::Terminating);
+            if (instance.phase == Phase::Paused && !instance.stopped)
+                || (instance.stopped && !stopped_phase)
+            {
+                return Err(format!(
+                    "{id} is {:?}, stopped {}",
+                    instance.phase, instance.stopped
+                ));
+            }
         }
         if self.live() > self.limits.max {
             return Err(format!(
@@ -627,6 +722,9 @@ mod tests {
         /// The owner of an unrecorded instance is recorded.
         Recorded(usize),
         LaunchFailed(usize),
+        /// An owned instance is paused; a resume fails.
+        Pause(usize),
+        ResumeFailed(usize),
         /// A launch whose answer was lost; then the doubt is resolved.
         LaunchInDoubt(usize),
         DoubtResolved(usize),
@@ -645,6 +743,8 @@ mod tests {
             2 => any::<usize>().prop_map(Step::Recorded),
             1 => any::<usize>().prop_map(Step::LaunchFailed),
             1 => any::<usize>().prop_map(Step::LaunchInDoubt),
+            2 => any::<usize>().prop_map(Step::Pause),
+            1 => any::<usize>().prop_map(Step::ResumeFailed),
             1 => any::<usize>().prop_map(Step::DoubtResolved),
             2 => any::<usize>().prop_map(Step::Ready),
             1 => any::<usize>().prop_map(Step::Release),
@@ -688,6 +788,15 @@ mod tests {
                                 prop_assert!(p.instance(&i).is_some_and(|x| !x.recorded));
                                 prop_assert_eq!(before, Some(Holding::Instance(i)));
                             }
+                            // Only the owner of a paused instance resumes it, and only it.
+                            Ok(Grant::Resume(i)) => {
+                                prop_assert!(p.instance(&i).is_some_and(|x| x.phase == Phase::Resuming));
+                                prop_assert_eq!(before, Some(Holding::Instance(i)));
+                            }
+                            Err(PoolError::FullForResume { id: i, .. }) => {
+                                prop_assert!(p.instance(&i).is_some_and(|x| x.phase == Phase::Paused));
+                                prop_assert_eq!(p.live(), max);
+                            }
                             Ok(Grant::Pending(t)) => prop_assert!(
                                 before.is_none() || before == Some(Holding::Pending(t))
                             ),
@@ -724,6 +833,25 @@ mod tests {
                     Step::LaunchFailed(n) => {
                         if let Some(t) = nth(p.pending.keys().copied().collect(), n) {
                             p.launch_failed(t);
+                        }
+                    }
+                    Step::Pause(n) => {
+                        let owned: Vec<InstanceId> = p.instances.iter()
+                            .filter(|(_, i)| i.owner.is_some())
+                            .map(|(i, _)| i.clone()).collect();
+                        if let Some(i) = nth(owned, n) {
+                            let live = p.live();
+                            if p.pause(&i).unwrap() {
+                                prop_assert_eq!(p.live(), live - 1, "a paused instance still counts");
+                            }
+                        }
+                    }
+                    Step::ResumeFailed(n) => {
+                        let resuming: Vec<InstanceId> = p.instances.iter()
+                            .filter(|(_, i)| i.phase == Phase::Resuming)
+                            .map(|(i, _)| i.clone()).collect();
+                        if let Some(i) = nth(resuming, n) {
+                            p.resume_failed(&i).unwrap();
                         }
                     }
                     Step::LaunchInDoubt(n) => {

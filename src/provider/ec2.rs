@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, IamInstanceProfileSpecification, Instance,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, InstanceType,
-    ResourceType, Tag, TagSpecification,
+    BlockDeviceMapping, EbsBlockDevice, Filter, HibernationOptionsRequest, HttpTokensState,
+    IamInstanceProfileSpecification, Instance, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, ResourceType, Tag,
+    TagSpecification, VolumeType,
 };
 use aws_sdk_ec2::Client;
 use base64::Engine;
@@ -24,7 +25,7 @@ use super::{
     Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState, TAG_NAME,
     TAG_POOL, TAG_PURPOSE,
 };
-use crate::config::{Ec2Config, Purpose};
+use crate::config::{Ec2Config, OnIdle, Purpose};
 use crate::core::bucket::TokenBucket;
 use crate::core::ids::InstanceId;
 use crate::provider::process::now_ms;
@@ -45,6 +46,8 @@ pub struct Ec2Provider {
     ports: BTreeMap<String, u16>,
     /// Per purpose: its own AMI and instance type, over the provider's.
     machines: BTreeMap<String, (String, String)>,
+    /// Per purpose: whether its instances can hibernate, and its root volume, if set.
+    disks: BTreeMap<String, (bool, Option<BlockDeviceMapping>)>,
     /// Built on first use, inside the server's runtime.
     client: OnceCell<Client>,
     launches: Mutex<TokenBucket>,
@@ -69,6 +72,10 @@ impl Ec2Provider {
                         .unwrap_or_else(|| config.instance_type.clone());
                     (n.clone(), (image, kind))
                 })
+                .collect(),
+            disks: purposes
+                .iter()
+                .map(|(n, p)| (n.clone(), (p.on_idle == OnIdle::Hibernate, root_volume(p))))
                 .collect(),
             config,
             pool_name: pool_name.to_owned(),
@@ -225,6 +232,26 @@ impl Ec2Provider {
     }
 }
 
+/// The root volume a purpose asks for: its size and encryption (hibernation keeps memory
+/// there), or the AMI's own when it sets neither.
+fn root_volume(purpose: &Purpose) -> Option<BlockDeviceMapping> {
+    if purpose.root_volume_gb.is_none() && !purpose.root_volume_encrypted {
+        return None;
+    }
+    let ebs = EbsBlockDevice::builder()
+        .set_volume_size(purpose.root_volume_gb.map(|gb| gb as i32))
+        .encrypted(purpose.root_volume_encrypted)
+        .volume_type(VolumeType::Gp3)
+        .delete_on_termination(true)
+        .build();
+    Some(
+        BlockDeviceMapping::builder()
+            .device_name(&purpose.root_device_name)
+            .ebs(ebs)
+            .build(),
+    )
+}
+
 /// An SDK error in words that say what to fix.
 fn explain<E>(what: &str, err: SdkError<E>) -> String
 where
@@ -361,6 +388,18 @@ impl Provider for Ec2Provider {
             )
             .set_key_name(self.config.key_name.clone())
             .set_subnet_id(self.config.subnet_id.clone());
+        if let Some((hibernate, root)) = self.disks.get(&spec.purpose) {
+            if *hibernate {
+                request = request.hibernation_options(
+                    HibernationOptionsRequest::builder()
+                        .configured(true)
+                        .build(),
+                );
+            }
+            if let Some(root) = root {
+                request = request.block_device_mappings(root.clone());
+            }
+        }
         if !self.config.security_group_ids.is_empty() {
             request = request.set_security_group_ids(Some(self.config.security_group_ids.clone()));
         }
@@ -465,6 +504,39 @@ impl Provider for Ec2Provider {
             .await
             .map(|_| ())
             .map_err(|e| instance_error("CreateTags", id, e))
+    }
+
+    async fn stop(&self, id: &InstanceId, hibernate: bool) -> Result<(), ProviderError> {
+        self.client()
+            .await
+            .stop_instances()
+            .instance_ids(id.as_str())
+            .hibernate(hibernate)
+            .send()
+            .await
+            .map_err(|e| instance_error("StopInstances", id, e))?;
+        info!(
+            "stopped {id}{}",
+            if hibernate { " (hibernating)" } else { "" }
+        );
+        Ok(())
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, ProviderError> {
+        self.client()
+            .await
+            .start_instances()
+            .instance_ids(id.as_str())
+            .send()
+            .await
+            .map_err(|e| instance_error("StartInstances", id, e))?;
+        info!("started {id} again");
+        // Its addresses (a public one changes) as EC2 says now; the listings catch up too.
+        Ok(self
+            .lookup(std::slice::from_ref(id))
+            .await
+            .ok()
+            .and_then(|mut r| r.pop()))
     }
 
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {

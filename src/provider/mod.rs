@@ -25,6 +25,8 @@ pub const TAG_POOL: &str = "rstudio-pool";
 pub const TAG_NAME: &str = "Name";
 /// When the instance was assigned to its user, in milliseconds since the Unix epoch.
 pub const TAG_ASSIGNED_AT: &str = "assignedAt";
+/// When the instance was paused (stopped with its owner's work kept), ms since the epoch.
+pub const TAG_STOPPED_AT: &str = "stoppedAt";
 /// The user's last activity seen by the proxy (ms since the epoch), saved now and then so
 /// that idle deadlines survive a restart.
 pub const TAG_LAST_ACTIVITY: &str = "lastActivity";
@@ -160,6 +162,14 @@ pub trait Provider: Send + Sync {
         id: &InstanceId,
         tags: &[(String, String)],
     ) -> Result<(), ProviderError>;
+
+    /// Stops an instance and keeps it (its disk, and with `hibernate` its memory) to be
+    /// started again. Stopping one that is stopped already succeeds.
+    async fn stop(&self, id: &InstanceId, hibernate: bool) -> Result<(), ProviderError>;
+
+    /// Starts a stopped instance again. Its address may change: the record, when the
+    /// provider has it at once.
+    async fn start(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, ProviderError>;
 
     /// Stops an instance for good. Terminating an instance that is already gone succeeds, or
     /// answers [`ProviderError::NotFound`] on a provider whose listings lag (where it may mean

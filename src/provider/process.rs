@@ -60,6 +60,9 @@ struct Record {
     port: u16,
     launched_at_ms: u64,
     tags: BTreeMap<String, String>,
+    /// Paused: its processes ended, its working folder and record kept for a resume.
+    #[serde(default)]
+    stopped: bool,
 }
 
 /// One instance as the state folder holds it: its record, and the tags appended since.
@@ -547,8 +550,6 @@ impl Inner {
         let port = self
             .reserve_port()
             .map_err(|e| fail(format!("no free loopback port: {e}")))?;
-        let argv = template.render(&self.exe, port, &id);
-        let (program, args) = argv.split_first().expect("checked non-empty above");
 
         let mut tags = BTreeMap::new();
         tags.insert(TAG_PURPOSE.to_owned(), spec.purpose.clone());
@@ -570,6 +571,7 @@ impl Inner {
             port,
             launched_at_ms: now_ms(),
             tags,
+            stopped: false,
         };
         if let Err(e) = self.write_record(&record) {
             // Nothing of the instance is kept: files, mirror entry, port.
@@ -577,11 +579,34 @@ impl Inner {
             self.forget(id.as_str());
             return Err(fail(format!("cannot write the instance record: {e}")));
         }
+        if let Err(e) = self.run(&mut record, template, log, log_err) {
+            self.forget(id.as_str());
+            return Err(fail(e));
+        }
+        info!(
+            "launched {id} ({}) as pid {} on port {port}",
+            spec.purpose, record.pid
+        );
+        Ok(to_instance(&record))
+    }
+
+    /// Starts the workspace of `record` in its working folder on `record.port`, and records
+    /// its process.
+    fn run(
+        &self,
+        record: &mut Record,
+        template: &CommandTemplate,
+        log: std::fs::File,
+        log_err: std::fs::File,
+    ) -> Result<(), String> {
+        let id = InstanceId::parse(&record.id).map_err(|e| e.to_string())?;
+        let argv = template.render(&self.exe, record.port, &id);
+        let (program, args) = argv.split_first().ok_or("the command is empty")?;
         let spawned = {
             use std::os::unix::process::CommandExt;
             Command::new(program)
                 .args(args)
-                .current_dir(&work)
+                .current_dir(self.work_dir().join(id.as_str()))
                 .env("RSTUDIO_POOL_INSTANCE_ID", id.as_str())
                 .stdin(Stdio::null())
                 .stdout(log)
@@ -591,26 +616,53 @@ impl Inner {
                 .process_group(0)
                 .spawn()
         };
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                self.forget(id.as_str());
-                return Err(fail(format!("cannot start `{program}`: {e}")));
-            }
-        };
+        let child = spawned.map_err(|e| format!("cannot start `{program}`: {e}"))?;
         record.pid = child.id();
         record.start_ticks = read_stat(record.pid).map(|s| s.start_ticks).unwrap_or(0);
-        let pid = record.pid;
-        if let Err(e) = self.write_record(&record) {
-            kill_group(pid, libc::SIGKILL);
-            self.forget(id.as_str());
-            return Err(fail(format!("cannot write the instance record: {e}")));
+        record.stopped = false;
+        if let Err(e) = self.write_record(record) {
+            kill_group(record.pid, libc::SIGKILL);
+            return Err(format!("cannot write the instance record: {e}"));
         }
         self.lock_children().insert(record.id.clone(), child);
-        info!(
-            "launched {id} ({}) as pid {pid} on port {port}",
-            spec.purpose
-        );
+        Ok(())
+    }
+
+    /// Starts a paused instance again in its working folder, on a new port.
+    fn resume(&self, id: &InstanceId) -> Result<InstanceRecord, ProviderError> {
+        let mut record = self.read_record(id.as_str()).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                ProviderError::NotFound(id.clone())
+            } else {
+                ProviderError::Other(format!("record of {id}: {e}"))
+            }
+        })?;
+        if !record.stopped {
+            return Ok(to_instance(&record));
+        }
+        let fail = |reason: String| ProviderError::Other(format!("cannot resume {id}: {reason}"));
+        let purpose = record.tags.get(TAG_PURPOSE).cloned().unwrap_or_default();
+        let template = self
+            .commands
+            .get(&purpose)
+            .ok_or_else(|| fail(format!("no command is configured for purpose `{purpose}`")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(id.as_str()))
+            .map_err(|e| fail(format!("cannot open the workspace log: {e}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| fail(format!("cannot open the workspace log: {e}")))?;
+        record.port = self
+            .reserve_port()
+            .map_err(|e| fail(format!("no free loopback port: {e}")))?;
+        let port = record.port;
+        self.run(&mut record, template, log, log_err).map_err(|e| {
+            self.lock_ports().remove(&port);
+            fail(e)
+        })?;
+        info!("resumed {id} as pid {} on port {port}", record.pid);
         Ok(to_instance(&record))
     }
 
@@ -621,6 +673,12 @@ impl Inner {
 
     /// Whether the process of `record` still runs (and is the same process).
     fn is_alive(&self, record: &Record) -> bool {
+        !record.stopped && self.process_alive(record)
+    }
+
+    /// Whether the process `record` names still runs, stopped or not (a stop writes the
+    /// record first, then ends the process).
+    fn process_alive(&self, record: &Record) -> bool {
         if record.pid == 0 {
             // A launch in progress (or one that died between its two record writes).
             return now_ms().saturating_sub(record.launched_at_ms) < 60_000;
@@ -666,7 +724,10 @@ impl Inner {
         let mut known = std::collections::HashSet::new();
         for record in records {
             known.insert(record.id.clone());
-            if self.is_alive(&record) {
+            if record.stopped {
+                // Paused: nothing runs, everything is kept.
+                live.push(to_instance(&record));
+            } else if self.is_alive(&record) {
                 self.lock_ports().insert(record.port);
                 live.push(to_instance(&record));
             } else {
@@ -713,7 +774,7 @@ impl Inner {
     /// found by its working directory.
     fn pid_to_stop(&self, id: &InstanceId) -> Result<Option<u32>, ProviderError> {
         match self.read_record(id.as_str()) {
-            Ok(record) if self.is_alive(&record) => Ok(Some(record.pid)),
+            Ok(record) if record.pid != 0 && self.process_alive(&record) => Ok(Some(record.pid)),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Ok(group_leaders_under(&self.work_dir())
@@ -729,6 +790,43 @@ impl Inner {
         if let Some(child) = self.lock_children().get_mut(id.as_str()) {
             let _ = child.try_wait();
         }
+    }
+}
+
+impl ProcessProvider {
+    /// Ends the processes of `id` (its group, then any that left it but still work in its
+    /// folder, such as kernels started in sessions of their own). Returns whether it ran.
+    async fn end_processes(&self, id: &InstanceId) -> Result<(), ProviderError> {
+        // Reading the record, and scanning /proc without one: off the async workers.
+        let (this, wanted) = (self.clone(), id.clone());
+        let pid = tokio::task::spawn_blocking(move || this.pid_to_stop(&wanted))
+            .await
+            .map_err(|e| ProviderError::Other(format!("stop task failed: {e}")))??;
+        if let Some(pid) = pid {
+            kill_group(pid, libc::SIGTERM);
+            let deadline = tokio::time::Instant::now() + STOP_GRACE;
+            while group_alive(pid) && tokio::time::Instant::now() < deadline {
+                self.reap(id);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if group_alive(pid) {
+                warn!("{id} ignored SIGTERM for {STOP_GRACE:?}; killing its process group");
+                kill_group(pid, libc::SIGKILL);
+            }
+            self.reap(id);
+        }
+        let folder = self.work_dir().join(id.as_str());
+        let strays = tokio::task::spawn_blocking(move || processes_under(&folder))
+            .await
+            .unwrap_or_default();
+        for stray in strays {
+            warn!("{id}: ending process {stray}, which left the workspace's process group");
+            // SAFETY: kill(2) on a pid; no memory is involved.
+            unsafe {
+                libc::kill(stray as i32, libc::SIGKILL);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -774,26 +872,55 @@ impl Provider for ProcessProvider {
         reply.await.map_err(|_| stopped())?
     }
 
+    /// Ends every process of the workspace (paused means no compute) and keeps its folder
+    /// and record. There is no memory to keep: `hibernate` stops it the same way.
+    async fn stop(&self, id: &InstanceId, _hibernate: bool) -> Result<(), ProviderError> {
+        let mut record = self.read_record(id.as_str()).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                ProviderError::NotFound(id.clone())
+            } else {
+                ProviderError::Other(format!("record of {id}: {e}"))
+            }
+        })?;
+        if record.stopped {
+            // Stopped already; a crash may have come between the record and the processes.
+            return self.end_processes(id).await;
+        }
+        // The record says stopped before any process ends: a crash in between must not
+        // leave a record of a running workspace whose process is gone (that folder would be
+        // taken for a dead instance's, and deleted).
+        record.stopped = true;
+        let port = record.port;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write_record(&record))
+            .await
+            .map_err(|e| ProviderError::Other(format!("stop task failed: {e}")))?
+            .map_err(|e| ProviderError::Other(format!("cannot write the record of {id}: {e}")))?;
+        self.end_processes(id).await?;
+        self.lock_ports().remove(&port);
+        self.lock_children().remove(id.as_str());
+        info!("stopped {id}; its folder is kept");
+        Ok(())
+    }
+
+    async fn start(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, ProviderError> {
+        // Whatever a stop cut short by a crash left running in the folder ends first.
+        if self
+            .read_record(id.as_str())
+            .is_ok_and(|record| record.stopped)
+        {
+            self.end_processes(id).await?;
+        }
+        let (this, id) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || this.resume(&id))
+            .await
+            .map_err(|e| ProviderError::Other(format!("start task failed: {e}")))?
+            .map(Some)
+    }
+
     /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        // Reading the record, and scanning /proc without one: off the async workers.
-        let (this, wanted) = (self.clone(), id.clone());
-        let pid = tokio::task::spawn_blocking(move || this.pid_to_stop(&wanted))
-            .await
-            .map_err(|e| ProviderError::Other(format!("stop task failed: {e}")))??;
-        if let Some(pid) = pid {
-            kill_group(pid, libc::SIGTERM);
-            let deadline = tokio::time::Instant::now() + STOP_GRACE;
-            while group_alive(pid) && tokio::time::Instant::now() < deadline {
-                self.reap(id);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if group_alive(pid) {
-                warn!("{id} ignored SIGTERM for {STOP_GRACE:?}; killing its process group");
-                kill_group(pid, libc::SIGKILL);
-            }
-            self.reap(id);
-        }
+        self.end_processes(id).await?;
         let (this, gone) = (self.clone(), id.clone());
         tokio::task::spawn_blocking(move || this.forget(gone.as_str()))
             .await
@@ -808,7 +935,9 @@ fn to_instance(record: &Record) -> InstanceRecord {
         // Records are written by us with valid ids; a hand-edited one falls back to a fresh
         // id, which makes the pool terminate it as unknown.
         id: InstanceId::parse(&record.id).unwrap_or_else(|_| InstanceId::from_bits(0)),
-        state: if record.pid == 0 {
+        state: if record.stopped {
+            ProviderState::Stopped
+        } else if record.pid == 0 {
             ProviderState::Pending
         } else {
             ProviderState::Running
@@ -884,6 +1013,24 @@ fn group_leaders_under(work: &Path) -> Vec<(u32, String)> {
     found
 }
 
+/// Every process (not only group leaders) working in `dir` or below it.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&dir))
+        })
+        .filter(|&pid| read_stat(pid).is_some_and(|s| s.state != 'Z'))
+        .collect()
+}
+
 fn kill_group(pid: u32, signal: i32) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     unsafe {
@@ -936,6 +1083,7 @@ mod tests {
                 port: 1,
                 launched_at_ms: 1,
                 tags: BTreeMap::from([(TAG_PURPOSE.to_owned(), "rstudio".to_owned())]),
+                stopped: false,
             };
             std::fs::write(
                 record_path(dir.path(), id),

@@ -247,12 +247,15 @@ fn error(status: StatusCode, message: &str) -> (StatusCode, Value) {
 fn manager_error(e: ManagerError) -> (StatusCode, Value) {
     let status = match &e {
         ManagerError::UnknownPurpose { .. } => StatusCode::BAD_REQUEST,
-        ManagerError::Pool(PoolError::Full { .. }) => StatusCode::TOO_MANY_REQUESTS,
+        ManagerError::Pool(PoolError::Full { .. } | PoolError::FullForResume { .. }) => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         ManagerError::Pool(PoolError::UnknownInstance(_)) => StatusCode::NOT_FOUND,
         ManagerError::Pool(PoolError::UnknownTicket(_)) => StatusCode::SERVICE_UNAVAILABLE,
         ManagerError::Provider(_)
         | ManagerError::LaunchFailed(_)
         | ManagerError::LaunchesPaused(_)
+        | ManagerError::ResumeFailed(_)
         | ManagerError::Recording(_)
         | ManagerError::Recovering => StatusCode::SERVICE_UNAVAILABLE,
     };

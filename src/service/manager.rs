@@ -30,7 +30,7 @@ use tokio::sync::{watch, Notify};
 
 use super::links::UserLinks;
 use super::probe::probe;
-use crate::config::Purpose;
+use crate::config::{OnIdle, Purpose};
 use crate::core::breaker::{AfterFailure, Breaker, BreakerSettings, Permit, Refusal};
 use crate::core::ids::{InstanceId, UserId};
 use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
@@ -38,7 +38,7 @@ use crate::core::presence::{unknown_is_settled, Grace, Presence, Sighting};
 use crate::provider::process::now_ms;
 use crate::provider::{
     Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState,
-    TAG_ASSIGNED_AT, TAG_LAST_ACTIVITY, TAG_USER,
+    TAG_ASSIGNED_AT, TAG_LAST_ACTIVITY, TAG_STOPPED_AT, TAG_USER,
 };
 
 /// How long a caller waits for a launch (its own or one it took over) to answer.
@@ -72,6 +72,8 @@ pub enum ManagerError {
     LaunchFailed(String),
     #[error("{0}")]
     LaunchesPaused(String),
+    #[error("{0}")]
+    ResumeFailed(String),
     #[error("instance {0} is being recorded as yours with the provider, which is slow to answer; ask again in a few seconds: you will get the same instance")]
     Recording(InstanceId),
     #[error(
@@ -90,7 +92,7 @@ pub struct Assignment {
     pub instance_id: InstanceId,
     pub user_id: String,
     pub purpose: String,
-    /// `launching` or `ready`.
+    /// `launching`, `resuming` or `ready`.
     pub status: &'static str,
     pub ready: bool,
     /// Where the user opens the workspace, through the proxy.
@@ -175,6 +177,8 @@ pub enum Stage {
     /// The machine runs; the workspace does not answer yet.
     Starting,
     Ready,
+    /// Stopped while its owner was away, their work kept; their next request resumes it.
+    Paused,
 }
 
 /// An instance whose start failed, remembered for a while so that its user's page can say so
@@ -195,9 +199,13 @@ struct Known {
     activity: Arc<AtomicU64>,
     /// The last activity saved in the instance's tags.
     saved_activity: u64,
-    /// Launched by this process: its idle clock starts when it becomes ready. (One adopted
-    /// after a restart keeps the clock its tags saved.)
+    /// Launched or resumed by this process: its idle clock starts when it becomes ready.
+    /// (One adopted after a restart keeps the clock its tags saved.)
     fresh: bool,
+    /// Since when it has been starting (its launch, or its resume): for the readiness timeout.
+    starting_since: u64,
+    /// When it was paused, from its tag.
+    stopped_at: Option<u64>,
 }
 
 impl Known {
@@ -206,11 +214,13 @@ impl Known {
         let saved_activity = record.time_tag(TAG_LAST_ACTIVITY).unwrap_or(0);
         Self {
             purpose,
-            record,
             assigned_at,
             activity: Arc::new(AtomicU64::new(saved_activity)),
             saved_activity,
             fresh: false,
+            starting_since: record.launched_at_ms,
+            stopped_at: record.time_tag(TAG_STOPPED_AT),
+            record,
         }
     }
 }
@@ -242,6 +252,8 @@ enum Wait {
     Record(InstanceId, watch::Receiver<Option<RecordOutcome>>),
     /// A launch.
     Launch(watch::Receiver<Option<LaunchOutcome>>),
+    /// The start of the user's paused instance.
+    Resume(watch::Receiver<Option<RecordOutcome>>),
     /// The next listing: after a start, listings may still hide the user's instance.
     Settling,
 }
@@ -250,6 +262,7 @@ enum Wait {
 enum Start {
     Record(InstanceId),
     Launch(Ticket),
+    Resume(InstanceId),
 }
 
 /// Waits for an outcome at most `limit`: `Ok` when it succeeded (the caller asks the pool
@@ -283,6 +296,10 @@ struct State {
     waits: HashMap<(String, Ticket), watch::Sender<Option<LaunchOutcome>>>,
     /// Outcome channels of owner writes under way, for callers waiting to be told.
     recordings: HashMap<InstanceId, watch::Sender<Option<RecordOutcome>>>,
+    /// Outcome channels of resumes under way (the provider's start), for their owners.
+    resumes: HashMap<InstanceId, watch::Sender<Option<RecordOutcome>>>,
+    /// Instances whose stop is under way: a resume waits for it to finish first.
+    pausing: HashSet<InstanceId>,
     /// Launches in doubt, by client token.
     doubts: HashMap<String, Doubt>,
     /// The launch breaker of each purpose.
@@ -384,6 +401,8 @@ impl PoolManager {
                 known: HashMap::new(),
                 waits: HashMap::new(),
                 recordings: HashMap::new(),
+                resumes: HashMap::new(),
+                pausing: HashSet::new(),
                 doubts: HashMap::new(),
                 breakers,
                 presence: Presence::default(),
@@ -467,6 +486,10 @@ impl PoolManager {
                 Some(Start::Launch(ticket)) => {
                     tokio::spawn(Arc::clone(self).launch(purpose.to_owned(), ticket, false));
                 }
+                Some(Start::Resume(id)) => {
+                    info!("resuming {id} ({purpose}) for {user}");
+                    tokio::spawn(Arc::clone(self).resume(id));
+                }
                 None => {}
             }
             match wait {
@@ -479,6 +502,13 @@ impl PoolManager {
                             Some(reason) => ManagerError::LaunchFailed(reason),
                             None => ManagerError::Recording(id),
                         })?
+                }
+                Wait::Resume(rx) => {
+                    wait_outcome(rx, LAUNCH_WAIT).await.map_err(|failed| {
+                        ManagerError::ResumeFailed(failed.unwrap_or_else(|| {
+                            "the resume did not answer in time; ask again".into()
+                        }))
+                    })?
                 }
                 Wait::Launch(rx) => wait_outcome(rx, LAUNCH_WAIT).await.map_err(|failed| {
                     ManagerError::LaunchFailed(failed.unwrap_or_else(|| {
@@ -534,6 +564,10 @@ impl PoolManager {
             st.recordings.insert(id.clone(), watch::channel(None).0);
             self.upstreams.invalidate(id);
         }
+        if let Grant::Resume(id) = &grant {
+            st.resumes.insert(id.clone(), watch::channel(None).0);
+            self.upstreams.invalidate(id);
+        }
         let launch_wait = |ticket: Ticket| {
             st.waits
                 .get(&(purpose.to_owned(), ticket))
@@ -543,12 +577,17 @@ impl PoolManager {
             Some(tx) => Wait::Record(id, tx.subscribe()),
             None => Wait::Again,
         };
+        let resume_wait = |id: &InstanceId| match st.resumes.get(id) {
+            Some(tx) => Wait::Resume(tx.subscribe()),
+            None => Wait::Again,
+        };
         Ok(match grant {
             Grant::Held(id) => (Wait::Done(id), None),
             Grant::Recording(id) => (record_wait(id), None),
             Grant::Pending(ticket) => (launch_wait(ticket), None),
             Grant::Assigned(id) => (record_wait(id.clone()), Some(Start::Record(id))),
             Grant::Launch(ticket) => (launch_wait(ticket), Some(Start::Launch(ticket))),
+            Grant::Resume(id) => (resume_wait(&id), Some(Start::Resume(id))),
         })
     }
 
@@ -617,6 +656,92 @@ impl PoolManager {
         self.changed.notify_one();
     }
 
+    /// Starts the owner's paused instance again, and lets them know how it went. On a failure
+    /// the instance stays paused, with their work: never a fresh instance in its place.
+    async fn resume(self: Arc<Self>, id: InstanceId) {
+        // A stop still under way finishes first: starting before it would be undone by it.
+        let deadline = tokio::time::Instant::now() + LAUNCH_WAIT;
+        while self.lock().pausing.contains(&id) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let outcome = match self.provider.start(&id).await {
+            Ok(record) => {
+                let mut st = self.lock();
+                if let Some(known) = st.known.get_mut(&id) {
+                    if let Some(record) = record {
+                        known.record.address = record.address;
+                        known.record.state = record.state;
+                    }
+                    known.fresh = true;
+                    known.starting_since = now_ms();
+                    known.stopped_at = None;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                warn!("cannot resume {id}: {e}; it stays paused");
+                let mut st = self.lock();
+                if let Some(purpose) = st.known.get(&id).map(|k| k.purpose.clone()) {
+                    if let Some(pool) = st.pools.get_mut(&purpose) {
+                        let _ = pool.resume_failed(&id);
+                    }
+                }
+                Err(format!("your workspace {id} could not be resumed ({e}); it is still paused with your work: ask again in a while"))
+            }
+        };
+        self.upstreams.invalidate(&id);
+        if let Some(tx) = self.lock().resumes.remove(&id) {
+            tx.send_replace(Some(outcome));
+        }
+        self.changed.notify_one();
+    }
+
+    /// Marks `id` paused in its pool (the provider has stopped it, or is about to).
+    fn lock_pause(&self, id: &InstanceId) -> Result<bool, PoolError> {
+        let paused = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let Some(known) = st.known.get_mut(id) else {
+                return Err(PoolError::UnknownInstance(id.clone()));
+            };
+            let pool = st
+                .pools
+                .get_mut(&known.purpose)
+                .expect("a pool per purpose");
+            let paused = pool.pause(id)?;
+            if paused && known.stopped_at.is_none() {
+                known.stopped_at = Some(now_ms());
+            }
+            paused
+        };
+        self.upstreams.invalidate(id);
+        Ok(paused)
+    }
+
+    /// Pauses `id`: its owner keeps it and their work, it stops using compute (I6). The
+    /// provider's stop is tried again by the reconcile loop if it fails now.
+    async fn pause(&self, id: &InstanceId, hibernate: bool) -> Result<(), ManagerError> {
+        if !self.lock_pause(id)? {
+            return Ok(());
+        }
+        self.changed.notify_one();
+        let now = self
+            .lock()
+            .known
+            .get(id)
+            .and_then(|k| k.stopped_at)
+            .unwrap_or_else(now_ms);
+        let tags = [(TAG_STOPPED_AT.to_owned(), now.to_string())];
+        self.lock().pausing.insert(id.clone());
+        if let Err(e) = self.provider.set_tags(id, &tags).await {
+            warn!("cannot tag {id} as paused: {e}");
+        }
+        let stopped = self.provider.stop(id, hibernate).await;
+        self.lock().pausing.remove(id);
+        stopped?;
+        Ok(())
+    }
+
     /// Whether the provider not knowing `id` means it is gone: its listings never lag, or the
     /// instance is older than the grace for missing instances.
     fn surely_gone(&self, id: &InstanceId) -> bool {
@@ -628,18 +753,22 @@ impl PoolManager {
     }
 
     fn assignment(&self, id: &InstanceId, user: &UserId, purpose: &str) -> Assignment {
-        let ready = self
+        let phase = self
             .lock()
             .pools
             .get(purpose)
             .and_then(|p| p.instance(id))
-            .is_some_and(|i| i.phase == Phase::Ready);
+            .map(|i| i.phase);
         Assignment {
             instance_id: id.clone(),
             user_id: user.as_str().to_owned(),
             purpose: purpose.to_owned(),
-            status: if ready { "ready" } else { "launching" },
-            ready,
+            status: match phase {
+                Some(Phase::Ready) => "ready",
+                Some(Phase::Resuming) => "resuming",
+                _ => "launching",
+            },
+            ready: phase == Some(Phase::Ready),
             url: self.links.for_user(id, user, now_ms()),
         }
     }
@@ -742,6 +871,7 @@ impl PoolManager {
                 ready: instance.phase == Phase::Ready,
                 stage: match (instance.phase, known.record.state) {
                     (Phase::Ready, _) => Stage::Ready,
+                    (Phase::Paused, _) => Stage::Paused,
                     (_, ProviderState::Running) => Stage::Starting,
                     _ => Stage::Launching,
                 },
@@ -1044,17 +1174,21 @@ impl PoolManager {
                         continue;
                     }
                 };
-                if record.state != ProviderState::Pending && record.state != ProviderState::Running
-                {
-                    warn!(
-                        "instance {} is {:?}; terminating it",
-                        record.id, record.state
-                    );
-                    doomed.push(record.id);
-                    continue;
-                }
+                let phase = match (record.state, &owner) {
+                    (ProviderState::Pending | ProviderState::Running, _) => Phase::Launching,
+                    // Someone's stopped instance holds their work: paused, for them.
+                    (ProviderState::Stopped, Some(_)) => Phase::Paused,
+                    _ => {
+                        warn!(
+                            "instance {} is {:?}; terminating it",
+                            record.id, record.state
+                        );
+                        doomed.push(record.id);
+                        continue;
+                    }
+                };
                 let pool = st.pools.get_mut(&purpose).expect("checked above");
-                match pool.adopt(record.id.clone(), owner.clone(), Phase::Launching) {
+                match pool.adopt(record.id.clone(), owner.clone(), phase) {
                     Adoption::Adopted | Adoption::Known => {
                         if !at_start && doubt.is_none() {
                             warn!(
@@ -1139,14 +1273,30 @@ impl PoolManager {
             }
         }
         for (id, idle_ms) in idle {
-            info!(
-                "{id} has been idle for {} s; terminating it",
-                idle_ms / 1000
-            );
-            if let Err(e) = self.terminate(&id).await {
-                error!("cannot terminate idle {id}: {e}");
+            let on_idle = self
+                .instance(&id)
+                .map_or(OnIdle::Terminate, |v| self.purposes[&v.purpose].on_idle);
+            let result = match on_idle {
+                OnIdle::Terminate => {
+                    info!(
+                        "{id} has been idle for {} s; terminating it",
+                        idle_ms / 1000
+                    );
+                    self.terminate(&id).await
+                }
+                OnIdle::Stop | OnIdle::Hibernate => {
+                    info!(
+                        "{id} has been idle for {} s; pausing it (its owner's work is kept)",
+                        idle_ms / 1000
+                    );
+                    self.pause(&id, on_idle == OnIdle::Hibernate).await
+                }
+            };
+            if let Err(e) = result {
+                error!("cannot retire idle {id}: {e}");
             }
         }
+        self.end_old_paused().await;
         for (id, activity) in to_save {
             let tags = [(TAG_LAST_ACTIVITY.to_owned(), activity.to_string())];
             match self.provider.set_tags(&id, &tags).await {
@@ -1156,6 +1306,60 @@ impl PoolManager {
                     }
                 }
                 Err(e) => warn!("cannot save the activity of {id}: {e}"),
+            }
+        }
+    }
+
+    /// Terminates paused instances past their purpose's lifetime, and the oldest of those
+    /// over its cap of paused instances, saying whose they were.
+    async fn end_old_paused(&self) {
+        let now = now_ms();
+        let mut ends = Vec::new();
+        {
+            let st = self.lock();
+            for (purpose, pool) in &st.pools {
+                let spec = &self.purposes[purpose];
+                let mut paused: Vec<(u64, InstanceId, Option<UserId>)> = pool
+                    .instances()
+                    .filter(|(_, i)| i.phase == Phase::Paused)
+                    .map(|(id, i)| {
+                        let at = st.known.get(id).and_then(|k| k.stopped_at).unwrap_or(now);
+                        (at, id.clone(), i.owner.clone())
+                    })
+                    .collect();
+                paused.sort();
+                let ttl = spec.paused_ttl.as_millis() as u64;
+                let expired = paused
+                    .iter()
+                    .take_while(|(at, ..)| now.saturating_sub(*at) > ttl)
+                    .count();
+                for (at, id, owner) in paused.drain(..expired) {
+                    let hours = now.saturating_sub(at) / 3_600_000;
+                    ends.push((
+                        id,
+                        owner,
+                        format!("paused for {hours} h, past paused_ttl_hours"),
+                    ));
+                }
+                let over = spec
+                    .max_paused
+                    .map_or(0, |cap| paused.len().saturating_sub(cap));
+                for (_, id, owner) in paused.drain(..over) {
+                    ends.push((
+                        id,
+                        owner,
+                        "the oldest paused over max_paused_instances".into(),
+                    ));
+                }
+            }
+        }
+        for (id, owner, why) in ends {
+            warn!(
+                "terminating paused {id} of {}: {why}",
+                owner.as_ref().map_or("nobody", |u| u.as_str())
+            );
+            if let Err(e) = self.terminate(&id).await {
+                error!("cannot terminate paused {id}: {e}");
             }
         }
     }
@@ -1174,6 +1378,7 @@ impl PoolManager {
         let listed: HashSet<InstanceId> = records.iter().map(|r| r.id.clone()).collect();
         // Refresh what the provider says of known instances: state, address, tags.
         let mut stopped = Vec::new();
+        let mut restop = Vec::new();
         let mut missing = Vec::new();
         {
             let mut st = self.lock();
@@ -1195,8 +1400,19 @@ impl PoolManager {
                 if moved {
                     self.upstreams.invalidate(&record.id);
                 }
-                if record.state == ProviderState::Stopped {
-                    stopped.push(record.id.clone());
+                let phase = st
+                    .pools
+                    .get(&known.purpose)
+                    .and_then(|p| p.instance(&record.id))
+                    .map(|i| i.phase);
+                match (record.state, phase) {
+                    (ProviderState::Stopped, Some(Phase::Paused | Phase::Resuming)) => {}
+                    (ProviderState::Stopped, _) => stopped.push(record.id.clone()),
+                    // A stop that failed: try again.
+                    (ProviderState::Running | ProviderState::Pending, Some(Phase::Paused)) => {
+                        restop.push(record.id.clone())
+                    }
+                    _ => {}
                 }
             }
             // An instance launched after the listing was taken cannot be in it.
@@ -1208,9 +1424,26 @@ impl PoolManager {
             );
         }
         for id in stopped {
+            // Someone's instance keeps their work: it is paused, theirs to resume.
+            let owned = self
+                .instance(&id)
+                .is_some_and(|v| v.owner.is_some() && v.phase != Phase::Terminating);
+            if owned {
+                warn!("instance {id} was stopped outside the pool; it is paused for its owner");
+                let _ = self.lock_pause(&id);
+                continue;
+            }
             warn!("instance {id} was stopped outside the pool; terminating it");
             if let Err(e) = self.terminate(&id).await {
                 error!("cannot terminate {id}: {e}");
+            }
+        }
+        for id in restop {
+            let hibernate = self
+                .instance(&id)
+                .is_some_and(|v| self.purposes[&v.purpose].on_idle == OnIdle::Hibernate);
+            if let Err(e) = self.provider.stop(&id, hibernate).await {
+                error!("stopping paused {id} failed again: {e}");
             }
         }
         self.take_in_missing(missing, started).await;
@@ -1317,14 +1550,14 @@ impl PoolManager {
                             .pools
                             .get(&k.purpose)
                             .and_then(|p| p.instance(id))
-                            .is_some_and(|i| i.phase == Phase::Launching)
+                            .is_some_and(|i| matches!(i.phase, Phase::Launching | Phase::Resuming))
                 })
                 .map(|(id, k)| {
                     (
                         id.clone(),
                         k.record.address.clone(),
                         k.purpose.clone(),
-                        k.record.launched_at_ms,
+                        k.starting_since,
                     )
                 })
                 .collect()
@@ -1371,6 +1604,20 @@ impl PoolManager {
                 self.upstreams.invalidate(&id);
                 self.readiness.send_modify(|n| *n += 1);
                 info!("{id} ({purpose}) is ready");
+            } else if now.saturating_sub(launched_at) > self.ready_timeout.as_millis() as u64
+                && self
+                    .instance(&id)
+                    .is_some_and(|v| v.phase == Phase::Resuming)
+            {
+                // A resume that never answers leaves the work where it was: paused again.
+                warn!(
+                    "{id} ({purpose}) did not answer within {:?} of its resume; pausing it again",
+                    self.ready_timeout
+                );
+                let hibernate = self.purposes[&purpose].on_idle == OnIdle::Hibernate;
+                if let Err(e) = self.pause(&id, hibernate).await {
+                    error!("cannot pause {id} again: {e}");
+                }
             } else if now.saturating_sub(launched_at) > self.ready_timeout.as_millis() as u64 {
                 warn!(
                     "{id} ({purpose}) was not ready within {:?}; replacing it",

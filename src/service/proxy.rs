@@ -278,8 +278,90 @@ async fn redirect(session: &mut Session, location: &str, set_cookie: Option<&str
 
 /// The path, under an instance, that retries a failed start.
 const RETRY_PATH: &str = "/.rstudio-pool/retry";
+/// The path, under an instance, that resumes it when paused.
+const RESUME_PATH: &str = "/.rstudio-pool/resume";
+
+/// Whether a request comes from a page of the same origin, as far as the browser says: its
+/// `Sec-Fetch-Site` is `same-origin` and its `Origin` names the host it was sent to, when
+/// it sends them. A form on another site cannot make it (nor, with `SameSite=Lax`, carry
+/// the session cookie).
+fn same_origin(req: &RequestHeader) -> bool {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site").is_some_and(|site| site != "same-origin") {
+        return false;
+    }
+    match (header("origin"), header("host")) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host)),
+        (Some(_), None) => false,
+    }
+}
 
 impl EdgeProxy {
+    /// The page of a paused instance for its owner (access is checked before): their work is
+    /// kept, and a button resumes it (a same-origin `POST`), then the progress page shows.
+    async fn paused(
+        &self,
+        session: &mut Session,
+        upstream: &Upstream,
+        prefixed: bool,
+        rest: &str,
+    ) -> Result<bool> {
+        let id = &upstream.id;
+        let home = if prefixed {
+            format!("/{id}/")
+        } else {
+            "/".to_owned()
+        };
+        let resume_path = if prefixed {
+            format!("/{id}{RESUME_PATH}")
+        } else {
+            RESUME_PATH.to_owned()
+        };
+        if rest == RESUME_PATH && session.req_header().method == http::Method::POST {
+            if !same_origin(session.req_header()) {
+                return page(
+                    session,
+                    403,
+                    "Not from this site",
+                    "A workspace is resumed from its own page only.",
+                    None,
+                )
+                .await;
+            }
+            let Some(user) = &upstream.owner else {
+                return page(
+                    session,
+                    404,
+                    "Workspace not found",
+                    "This workspace is nobody's.",
+                    None,
+                )
+                .await;
+            };
+            return match self.manager.request(user, &upstream.purpose.name).await {
+                Ok(_) => redirect(session, &home, None).await,
+                Err(e) => {
+                    let message = format!("Your workspace could not be resumed: {e}");
+                    page(session, 503, "Still paused", &escape_html(&message), None).await
+                }
+            };
+        }
+        let message = format!(
+            "Nobody used it for a while, so it was stopped; your files are kept. Resume it to carry on where you left off.</p><form method=\"post\" action=\"{resume_path}\"><button type=\"submit\">Resume</button></form><p>"
+        );
+        page(
+            session,
+            503,
+            "Your workspace is paused to save cost",
+            &message,
+            None,
+        )
+        .await
+    }
+
     /// The page of an instance whose start failed: what happened, and a button that asks the
     /// pool for a new workspace and goes there.
     async fn failed(
@@ -824,6 +906,9 @@ impl EdgeProxy {
         {
             Verdict::Allow => {}
             Verdict::Answered => return Ok(true),
+        }
+        if upstream.stage == Stage::Paused {
+            return self.paused(session, &upstream, prefixed, rest).await;
         }
         if !upstream.ready {
             return progress(session, upstream.stage).await;

@@ -425,6 +425,28 @@ pub async fn is_known(server: &Server, id: &str) -> bool {
         .0
         == 200
 }
+
+/// The pool's state of an instance (`launching`, `ready`, `paused`, `resuming`,
+/// `terminating`), or `None` when it does not know it.
+pub async fn state_of(server: &Server, id: &str) -> Option<String> {
+    let (status, body) = server
+        .command("GET_STATUS", json!({"instanceId": id}))
+        .await;
+    (status == 200).then(|| {
+        body["instance"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    })
+}
+
+/// Whether an instance runs for its user: known, and neither paused nor ending. Idleness
+/// pauses an instance (or, with `on_idle: terminate`, ends it): either way it stops running.
+pub async fn is_running(server: &Server, id: &str) -> bool {
+    state_of(server, id)
+        .await
+        .is_some_and(|s| s != "paused" && s != "terminating")
+}
 /// A bare HTTP/1.1 client on one connection: it sees exactly what the server writes, request
 /// after request, on a connection kept alive.
 pub struct Raw {
