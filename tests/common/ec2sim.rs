@@ -74,6 +74,8 @@ pub struct History {
     pub calls: BTreeMap<(String, &'static str), u64>,
     /// Calls under way by action (a caller that hangs up ends its call here too).
     pub in_progress: BTreeMap<String, u64>,
+    /// The parameters of every call carried out that starts or stops instances, in order.
+    pub lifecycle: Vec<(String, Vec<(String, String)>)>,
 }
 
 impl History {
@@ -572,6 +574,17 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     let answer = match answer {
         Ok(bytes) => {
             shared.note(&action, "ok");
+            if matches!(
+                action.as_str(),
+                "RunInstances" | "StopInstances" | "StartInstances" | "TerminateInstances"
+            ) {
+                shared
+                    .history
+                    .lock()
+                    .unwrap()
+                    .lifecycle
+                    .push((action.clone(), params.clone()));
+            }
             Ok(ok(bytes))
         }
         Err(other) => {
