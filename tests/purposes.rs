@@ -326,3 +326,131 @@ async fn a_start_that_fails_is_shown_with_a_retry() {
     let new_id = status["instances"][0].as_str().unwrap().to_owned();
     assert!(location.contains(&new_id), "{location} is not {new_id}");
 }
+
+/// A notebook with one cell, as JupyterLab saves it through its contents API.
+fn notebook(source: &str) -> Value {
+    json!({
+        "type": "notebook",
+        "format": "json",
+        "content": {
+            "nbformat": 4, "nbformat_minor": 5, "metadata": {},
+            "cells": [{"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": null,
+                       "outputs": [], "source": source}]
+        }
+    })
+}
+
+/// Real JupyterLab in token mode (issue 14): a user who only saves every few seconds keeps
+/// their workspace; once idle it is paused (JupyterLab's processes end, the folder stays);
+/// asking again resumes the same instance, and the notebook reads back byte for byte.
+#[tokio::test]
+async fn jupyterlab_saves_count_and_a_paused_lab_comes_back_with_the_notebook() {
+    const TIMEOUT_MS: u64 = 6000;
+    let server = Server::start(Options {
+        min_free: 0,
+        env: vec![path_with_venv()],
+        auth_yaml: Some(
+            "auth:\n  mode: token\n  secrets: [\"test-secret-0123456789abcdef\"]\n".into(),
+        ),
+        extra_yaml: format!("purposes:\n  jupyter:\n    timeout_instance_ms: {TIMEOUT_MS}\n"),
+        ..Options::default()
+    })
+    .await;
+    let ask = || async {
+        server
+            .command(
+                "REQUEST_RSTUDIO",
+                json!({"userId": "ana", "purpose": "jupyter", "wait": 90}),
+            )
+            .await
+    };
+    let (status, body) = ask().await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["instanceId"].as_str().unwrap().to_owned();
+    // The link is exchanged for the session cookie, as a browser does.
+    let r = server
+        .client()
+        .get(body["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302, "{}", r.text().await.unwrap());
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let contents = server.proxy_url(&format!("/{id}/api/contents/analysis.ipynb"));
+    let save = |n: usize| {
+        server
+            .client()
+            .put(&contents)
+            .header("cookie", &cookie)
+            .json(&notebook(&format!("x = {n}\nprint(x * 6)")))
+            .send()
+    };
+
+    // Saving every 2 s for more than two timeouts: the saves are the user's actions.
+    let until = Instant::now() + Duration::from_millis(TIMEOUT_MS * 2 + 2000);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        let r = save(n).await.unwrap();
+        assert!(r.status().is_success(), "save {n}: {}", r.status());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        is_running(&server, &id).await,
+        "a user saving every 2 s was culled"
+    );
+    let file = server
+        .state_dir()
+        .join("work")
+        .join(&id)
+        .join("analysis.ipynb");
+    let saved = std::fs::read(&file).unwrap();
+
+    // Then the user leaves: paused, JupyterLab gone, the notebook kept.
+    eventually("the idle lab is paused", WAIT, || async {
+        (common::state_of(&server, &id).await.as_deref() == Some("paused")).then_some(())
+    })
+    .await;
+    eventually("JupyterLab's processes end", WAIT, || async {
+        (!server.workspaces().iter().any(|(_, w)| *w == id)).then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read(&file).unwrap(), saved);
+
+    // Back: the same instance, resuming, then the notebook as it was saved.
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "ana", "purpose": "jupyter"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["instanceId"], json!(id));
+    assert_eq!(body["status"], json!("resuming"));
+    let (status, body) = ask().await;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (200, json!("ready")),
+        "{body}"
+    );
+    let r = server
+        .client()
+        .get(format!("{contents}?type=file&format=text&content=1"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let read: Value = r.json().await.unwrap();
+    assert_eq!(
+        read["content"].as_str().unwrap().as_bytes(),
+        &saved[..],
+        "the notebook came back changed"
+    );
+}

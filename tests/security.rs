@@ -565,3 +565,89 @@ async fn hostile_paths_get_a_clear_answer_and_reach_no_other_workspace() {
     );
     assert_eq!(server.command("GET_STATUS", json!({})).await.0, 200);
 }
+
+/// The page of a paused workspace (issue 14): only its owner's session sees it and resumes
+/// it, with a same-origin `POST`; another user's session, no session, and a form on another
+/// site are refused, and the workspace stays paused.
+#[tokio::test]
+async fn only_the_owner_resumes_a_paused_workspace_and_only_from_its_page() {
+    let server = Server::start(Options {
+        min_free: 0,
+        timeout_instance_ms: 2000,
+        auth_yaml: Some(token_auth(60)),
+        ..Options::default()
+    })
+    .await;
+    let (link_a, id) = link(&server, "ana").await;
+    let ana = cookie_pair(&exchange(&server, &link_a).await.1);
+    let (link_b, _) = link(&server, "bo").await;
+    let bo = cookie_pair(&exchange(&server, &link_b).await.1);
+    wait_ready_with(&server, &id, &ana).await;
+    common::eventually(
+        "ana's workspace paused",
+        Duration::from_secs(60),
+        || async {
+            (common::state_of(&server, &id).await.as_deref() == Some("paused")).then_some(())
+        },
+    )
+    .await;
+
+    let (status, page) = get(&server, &format!("/{id}/"), Some(&ana)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        page.contains("paused to save cost")
+            && page.contains(&format!("action=\"/{id}/.rstudio-pool/resume\"")),
+        "{page}"
+    );
+    let (status, page) = get(&server, &format!("/{id}/"), Some(&bo)).await;
+    assert!(
+        status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED,
+        "{status}"
+    );
+    assert!(!page.contains("rstudio-pool/resume"), "{page}");
+
+    let resume = server.proxy_url(&format!("/{id}/.rstudio-pool/resume"));
+    let post = |cookie: Option<&str>, origin: Option<&str>, site: Option<&str>| {
+        let mut r = server.client().post(&resume);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c.to_owned());
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o.to_owned());
+        }
+        if let Some(s) = site {
+            r = r.header("sec-fetch-site", s.to_owned());
+        }
+        r.send()
+    };
+    // Nobody, another user, and another site's form: refused, and still paused.
+    for (cookie, origin, site) in [
+        (None, None, None),
+        (Some(bo.as_str()), None, None),
+        (
+            Some(ana.as_str()),
+            Some("https://evil.example"),
+            Some("cross-site"),
+        ),
+        (Some(ana.as_str()), None, Some("same-site")),
+    ] {
+        let r = post(cookie, origin, site).await.unwrap();
+        assert!(
+            r.status().is_client_error(),
+            "{cookie:?} {origin:?} {site:?}: {}",
+            r.status()
+        );
+        assert_eq!(
+            common::state_of(&server, &id).await.as_deref(),
+            Some("paused")
+        );
+    }
+    // The owner's own page: resumed, and sent back to the workspace.
+    let origin = format!("http://{}", server.proxy);
+    let r = post(Some(&ana), Some(&origin), Some("same-origin"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(r.headers()["location"].to_str().unwrap(), format!("/{id}/"));
+    wait_ready_with(&server, &id, &ana).await;
+}

@@ -90,9 +90,14 @@ pub fn unknown_is_settled(
     own_launches_from_ms: u64,
     grace: Grace,
 ) -> bool {
-    launched_at_ms < own_launches_from_ms
+    launched_at_ms.saturating_add(LAUNCH_TIME_SLACK_MS) < own_launches_from_ms
         || now_ms.saturating_sub(launched_at_ms) >= grace.unknown_ms
 }
+
+/// How much earlier than the truth a launch time may read: EC2 gives whole seconds (an
+/// instance launched at 10.9 s reads 10 s), and its clock and ours drift apart a little. A
+/// launch of ours must never pass for a predecessor's.
+const LAUNCH_TIME_SLACK_MS: u64 = 2000;
 
 #[cfg(test)]
 mod tests {
@@ -128,7 +133,11 @@ mod tests {
 
     #[test]
     fn an_unknown_instance_waits_unless_it_predates_our_launches() {
-        assert!(unknown_is_settled(9_000, 10_000, 10_000, GRACE));
+        assert!(unknown_is_settled(7_999, 10_000, 10_000, GRACE));
+        // A launch of ours at 10.5 s that EC2 stamps 10 s (whole seconds), when we could
+        // launch from 10.2 s: not a predecessor's.
+        assert!(!unknown_is_settled(10_000, 10_600, 10_200, GRACE));
+        assert!(!unknown_is_settled(9_000, 10_000, 10_000, GRACE));
         assert!(!unknown_is_settled(10_000, 10_000, 10_000, GRACE));
         assert!(!unknown_is_settled(10_000, 49_999, 10_000, GRACE));
         assert!(unknown_is_settled(10_000, 50_000, 10_000, GRACE));

@@ -919,7 +919,7 @@ impl PoolManager {
             let phase = self.instance(id).map(|v| v.phase);
             match phase {
                 Some(Phase::Ready) => return true,
-                Some(Phase::Launching) => {}
+                Some(Phase::Launching | Phase::Resuming) => {}
                 _ => return false,
             }
             // Woken when any instance becomes ready; also every second, in case this one
