@@ -454,3 +454,78 @@ async fn jupyterlab_saves_count_and_a_paused_lab_comes_back_with_the_notebook() 
         "the notebook came back changed"
     );
 }
+
+/// JupyterLab's kernel socket (issue 14): a tab that only keeps its socket alive with pings is
+/// idle and its lab is paused; one that runs code every few seconds keeps its lab.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jupyter_kernel_socket_that_only_pings_is_idle_one_that_runs_code_is_not() {
+    const TIMEOUT_MS: u64 = 6000;
+    let server = Server::start(Options {
+        min_free: 0,
+        max: 2,
+        env: vec![path_with_venv()],
+        extra_yaml: format!("purposes:\n  jupyter:\n    timeout_instance_ms: {TIMEOUT_MS}\n"),
+        ..Options::default()
+    })
+    .await;
+    let mut sockets = Vec::new();
+    for user in ["pings-only", "runs-code"] {
+        let (status, body) = server
+            .command(
+                "REQUEST_RSTUDIO",
+                json!({"userId": user, "purpose": "jupyter", "wait": 90}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["status"].clone()),
+            (200, json!("ready")),
+            "{body}"
+        );
+        let id = body["instanceId"].as_str().unwrap().to_owned();
+        let r = server
+            .client()
+            .post(server.proxy_url(&format!("/{id}/api/kernels")))
+            .json(&json!({"name": "python3"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let kernel: Value = r.json().await.unwrap();
+        let url = format!(
+            "ws://{}/{id}/api/kernels/{}/channels",
+            server.proxy,
+            kernel["id"].as_str().unwrap()
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        sockets.push((id, socket));
+    }
+    let (pinger, mut pinging) = sockets.remove(0);
+    let (runner, mut running) = sockets.remove(0);
+    let until = Instant::now() + Duration::from_millis(TIMEOUT_MS * 2 + 3000);
+    let mut n = 0;
+    while Instant::now() < until {
+        n += 1;
+        // Until its lab is paused and the socket closed.
+        let _ = pinging
+            .send(Message::Ping(b"still here".to_vec().into()))
+            .await;
+        running
+            .send(Message::text(execute_request(&format!("print({n})"))))
+            .await
+            .unwrap();
+        // Drain what the kernels say, without waiting on them.
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(50), running.next()).await
+        {}
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(
+        is_running(&server, &runner).await,
+        "a lab whose user runs code every 2 s was paused"
+    );
+    assert_eq!(
+        common::state_of(&server, &pinger).await.as_deref(),
+        Some("paused"),
+        "a lab kept only by socket pings was not paused"
+    );
+}
