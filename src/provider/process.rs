@@ -628,15 +628,20 @@ impl Inner {
         Ok(())
     }
 
-    /// Starts a paused instance again in its working folder, on a new port.
-    fn resume(&self, id: &InstanceId) -> Result<InstanceRecord, ProviderError> {
-        let mut record = self.read_record(id.as_str()).map_err(|e| {
+    /// The record of `id`, or what the provider says when it has none.
+    fn instance_record(&self, id: &InstanceId) -> Result<Record, ProviderError> {
+        self.read_record(id.as_str()).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 ProviderError::NotFound(id.clone())
             } else {
                 ProviderError::Other(format!("record of {id}: {e}"))
             }
-        })?;
+        })
+    }
+
+    /// Starts a paused instance again in its working folder, on a new port.
+    fn resume(&self, id: &InstanceId) -> Result<InstanceRecord, ProviderError> {
+        let mut record = self.instance_record(id)?;
         if !record.stopped {
             return Ok(to_instance(&record));
         }
@@ -875,13 +880,7 @@ impl Provider for ProcessProvider {
     /// Ends every process of the workspace (paused means no compute) and keeps its folder
     /// and record. There is no memory to keep: `hibernate` stops it the same way.
     async fn stop(&self, id: &InstanceId, _hibernate: bool) -> Result<(), ProviderError> {
-        let mut record = self.read_record(id.as_str()).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                ProviderError::NotFound(id.clone())
-            } else {
-                ProviderError::Other(format!("record of {id}: {e}"))
-            }
-        })?;
+        let mut record = self.instance_record(id)?;
         if record.stopped {
             // Stopped already; a crash may have come between the record and the processes.
             return self.end_processes(id).await;
