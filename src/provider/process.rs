@@ -956,13 +956,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback port nobody listens on right now. The workspace binds it a moment later; a
-/// collision in between shows up as a workspace that never gets ready, which is replaced.
+/// A loopback port nobody listens on right now, below the kernel's ephemeral range. The
+/// workspace binds it a moment later. A port the kernel picks (`bind(0)`) comes from the range
+/// it also gives every outgoing connection, so under load one of those took the port in
+/// between and the workspace died with "Address already in use" (seen in the tests, with 200
+/// clients connecting at once); below the range only a listener can take it.
 fn free_port() -> io::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > FIRST_WORKSPACE_PORT + 1000 {
+        for _ in 0..64 {
+            let port = FIRST_WORKSPACE_PORT + rand::random::<u16>() % (low - FIRST_WORKSPACE_PORT);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
+
+/// The lowest port a workspace is given (well above the well-known and registered services
+/// a developer's machine tends to run).
+const FIRST_WORKSPACE_PORT: u16 = 20_000;
 
 struct Stat {
     state: char,
