@@ -147,13 +147,15 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
     let response = match (method.as_str(), path.as_str()) {
         ("GET", "/") => {
             let notes = std::fs::read_to_string(NOTES).unwrap_or_default();
+            let notes_path = format!("{root}/notes");
             let page = format!(
                 "<!doctype html><html><head><title>Demo workspace {id}</title></head>\
                  <body><h1>Demo workspace</h1><p>This is instance <code id=\"instance\">{id}</code>.</p>\
                  <p>Root path: <code>{root}</code></p>\
-                 <p>Your notes (<code>PUT {root}notes</code> saves them):</p><pre id=\"notes\">{notes}</pre></body></html>\n",
+                 <p>Your notes (<code>PUT {notes_path}</code> saves them):</p><pre id=\"notes\">{notes}</pre></body></html>\n",
                 id = options.instance_id,
                 root = if root.is_empty() { "/" } else { &root },
+                notes_path = notes_path,
                 notes = notes
                     .replace('&', "&amp;")
                     .replace('<', "&lt;")
