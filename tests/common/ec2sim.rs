@@ -4,12 +4,14 @@
 //! - **Eventual consistency.** A new instance is missing from `DescribeInstances` (listings
 //!   and lookups by id alike), and `CreateTags` and `TerminateInstances` answer
 //!   `InvalidInstanceID.NotFound` for it, until `lag` after its launch.
-//! - **Throttling.** `RequestLimitExceeded` from a token bucket per action, with AWS's
-//!   published default sizes and refill rates (Amazon EC2 developer guide, "Request throttling
-//!   for the Amazon EC2 API": mutating actions 200 tokens and 5 a second, non-mutating ones
-//!   100 and 20, unfiltered unpaginated ones 50 and 10; the resource buckets of `RunInstances`,
-//!   1,000 instances and 2 a second, and of `TerminateInstances`, 1,000 and 20), scaled by
-//!   `throttle_scale` for an account whose other tools use most of them.
+//! - **Throttling.** `RequestLimitExceeded` from a token bucket per action, sized after
+//!   AWS's default buckets as recalled from the Amazon EC2 developer guide ("Request
+//!   throttling for the Amazon EC2 API"; its table could not be read when this was written,
+//!   so check the figures against it): mutating actions 200 tokens and 5 a second,
+//!   non-mutating ones 100 and 20, unfiltered unpaginated ones 50 and 10; the resource
+//!   buckets of `RunInstances`, 1,000 instances and 2 a second, and of `TerminateInstances`,
+//!   1,000 and 20. `throttle_scale` shrinks them for an account whose other tools use most
+//!   of them.
 //! - **Idempotency.** A `RunInstances` with a `ClientToken` seen before answers with the
 //!   instance it made then (moto makes another).
 //! - **Faults.** At `fault_rate`, a call is answered with a server error or its connection is
