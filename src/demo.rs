@@ -22,9 +22,6 @@
 //!   keep-alive timeout ran out would. The tests use these to see a proxy's kept connections.
 
 use std::convert::Infallible;
-
-/// The user's notes, in the workspace's working folder.
-const NOTES: &str = "notes.txt";
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -44,6 +41,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+/// The user's notes, in the workspace's working folder.
+const NOTES: &str = "notes.txt";
 
 /// Options of the demo workspace.
 #[derive(Debug, Clone, clap::Args)]
@@ -146,7 +146,7 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
     let method = req.method().clone();
     let response = match (method.as_str(), path.as_str()) {
         ("GET", "/") => {
-            let notes = std::fs::read_to_string(NOTES).unwrap_or_default();
+            let notes = tokio::fs::read_to_string(NOTES).await.unwrap_or_default();
             let notes_path = format!("{root}/notes");
             let page = format!(
                 "<!doctype html><html><head><title>Demo workspace {id}</title></head>\
@@ -175,10 +175,10 @@ async fn handle(mut req: Request<Incoming>, shared: Arc<Shared>) -> Result<Reply
         ("GET", "/notes") => reply(
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            std::fs::read(NOTES).unwrap_or_default(),
+            tokio::fs::read(NOTES).await.unwrap_or_default(),
         ),
         ("PUT", "/notes") => match req.into_body().collect().await {
-            Ok(body) => match std::fs::write(NOTES, body.to_bytes()) {
+            Ok(body) => match tokio::fs::write(NOTES, body.to_bytes()).await {
                 Ok(()) => reply(StatusCode::OK, "text/plain", "saved\n"),
                 Err(e) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -597,7 +597,8 @@ impl PoolManager {
     /// up only when the instance is gone, someone else ended it, or the provider refuses for
     /// good (then the instance is terminated: nobody was told of it).
     async fn record_owner(self: Arc<Self>, id: InstanceId, user: UserId) {
-        let tags = owner_tags(&user, now_ms());
+        let assigned_at = now_ms();
+        let tags = owner_tags(&user, assigned_at);
         let mut pause = Duration::from_millis(200);
         let outcome = loop {
             let still_theirs = {
@@ -639,7 +640,7 @@ impl PoolManager {
             let mut st = self.lock();
             if outcome.is_ok() {
                 if let Some(known) = st.known.get_mut(&id) {
-                    known.assigned_at = Some(tags_time(&tags));
+                    known.assigned_at = Some(assigned_at);
                     let purpose = known.purpose.clone();
                     if let Some(pool) = st.pools.get_mut(&purpose) {
                         let _ = pool.recorded(&id);
@@ -696,8 +697,10 @@ impl PoolManager {
         self.changed.notify_one();
     }
 
-    /// Marks `id` paused in its pool (the provider has stopped it, or is about to).
-    fn lock_pause(&self, id: &InstanceId) -> Result<bool, PoolError> {
+    /// Marks `id` paused in its pool: the provider has stopped it, or (`stopping`) is about
+    /// to, and then a resume waits for that stop, marked under the same lock so that no
+    /// resume slips in between. Returns when it was paused, if it was.
+    fn lock_pause(&self, id: &InstanceId, stopping: bool) -> Result<Option<u64>, PoolError> {
         let paused = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -708,11 +711,14 @@ impl PoolManager {
                 .pools
                 .get_mut(&known.purpose)
                 .expect("a pool per purpose");
-            let paused = pool.pause(id)?;
-            if paused && known.stopped_at.is_none() {
-                known.stopped_at = Some(now_ms());
+            if !pool.pause(id)? {
+                return Ok(None);
             }
-            paused
+            let stopped_at = *known.stopped_at.get_or_insert_with(now_ms);
+            if stopping {
+                st.pausing.insert(id.clone());
+            }
+            Some(stopped_at)
         };
         self.upstreams.invalidate(id);
         Ok(paused)
@@ -721,18 +727,11 @@ impl PoolManager {
     /// Pauses `id`: its owner keeps it and their work, it stops using compute (I6). The
     /// provider's stop is tried again by the reconcile loop if it fails now.
     async fn pause(&self, id: &InstanceId, hibernate: bool) -> Result<(), ManagerError> {
-        if !self.lock_pause(id)? {
+        let Some(stopped_at) = self.lock_pause(id, true)? else {
             return Ok(());
-        }
+        };
         self.changed.notify_one();
-        let now = self
-            .lock()
-            .known
-            .get(id)
-            .and_then(|k| k.stopped_at)
-            .unwrap_or_else(now_ms);
-        let tags = [(TAG_STOPPED_AT.to_owned(), now.to_string())];
-        self.lock().pausing.insert(id.clone());
+        let tags = [(TAG_STOPPED_AT.to_owned(), stopped_at.to_string())];
         if let Err(e) = self.provider.set_tags(id, &tags).await {
             warn!("cannot tag {id} as paused: {e}");
         }
@@ -1430,7 +1429,7 @@ impl PoolManager {
                 .is_some_and(|v| v.owner.is_some() && v.phase != Phase::Terminating);
             if owned {
                 warn!("instance {id} was stopped outside the pool; it is paused for its owner");
-                let _ = self.lock_pause(&id);
+                let _ = self.lock_pause(&id, false);
                 continue;
             }
             warn!("instance {id} was stopped outside the pool; terminating it");
@@ -1687,14 +1686,6 @@ impl PoolManager {
             }
         }
     }
-}
-
-/// The time in owner tags made by [`owner_tags`].
-fn tags_time(tags: &[(String, String)]) -> u64 {
-    tags.iter()
-        .find(|(k, _)| k == TAG_ASSIGNED_AT)
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or_else(now_ms)
 }
 
 /// Counts a failed start against a purpose's launches, and says so in the log when launching
