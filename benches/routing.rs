@@ -14,7 +14,7 @@ use rstudio_pool::core::ids::InstanceId;
 use rstudio_pool::core::route::{
     is_user_activity, parse, rewrite_location, rewrite_set_cookie, upstream_path, Target,
 };
-use rstudio_pool::service::manager::{upstream_cache, Stage, Upstream};
+use rstudio_pool::manager::{upstream_cache, Stage, Upstream};
 
 fn routing(c: &mut Criterion) {
     // The rstudio purpose exactly as the embedded default configures it.

@@ -184,6 +184,8 @@ struct ProxySection {
     string_to_replace: Option<String>,
     timeout_instance_ms: u64,
     downstream_read_timeout_ms: u64,
+    request_head_timeout_ms: u64,
+    max_connections: usize,
     websocket_idle_timeout_ms: u64,
     upstream_connect_timeout_ms: u64,
     host_domain: Option<String>,
@@ -200,6 +202,8 @@ impl Default for ProxySection {
             string_to_replace: None,
             timeout_instance_ms: 3_600_000,
             downstream_read_timeout_ms: 60_000,
+            request_head_timeout_ms: 15_000,
+            max_connections: 16_384,
             websocket_idle_timeout_ms: 86_400_000,
             upstream_connect_timeout_ms: 5_000,
             host_domain: None,
@@ -309,6 +313,10 @@ pub struct ProxyConfig {
     pub string_to_replace: Option<String>,
     /// How long a client may stay silent while sending a request; `None` waits forever.
     pub downstream_read_timeout: Option<Duration>,
+    /// How long a client may take over a whole request head; `None` waits forever.
+    pub request_head_timeout: Option<Duration>,
+    /// Client connections the edge holds at once; more are answered 503.
+    pub max_connections: usize,
     /// How long an upgraded (WebSocket) connection may stay silent; `None` waits forever.
     pub websocket_idle_timeout: Option<Duration>,
     pub upstream_connect_timeout: Duration,
@@ -984,6 +992,8 @@ fn build(
             route_to_replace: file.proxy.route_to_replace,
             string_to_replace: file.proxy.string_to_replace,
             downstream_read_timeout: optional_ms(file.proxy.downstream_read_timeout_ms),
+            request_head_timeout: optional_ms(file.proxy.request_head_timeout_ms),
+            max_connections: file.proxy.max_connections.max(1),
             websocket_idle_timeout: optional_ms(file.proxy.websocket_idle_timeout_ms),
             upstream_connect_timeout: Duration::from_millis(
                 file.proxy.upstream_connect_timeout_ms.max(1),

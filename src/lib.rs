@@ -1,8 +1,11 @@
 //! rstudio-pool: a pool of on-demand workspaces (RStudio, JupyterLab, ...) and the edge proxy
 //! in front of them, in one Pingora server. ARCHITECTURE.md has the map.
 
+pub mod api;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod edge;
+pub mod http1;
+pub mod manager;
 pub mod provider;
-pub mod service;

@@ -12,18 +12,18 @@ use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
+use rstudio_pool::api::{ApiServer, CommandApi};
 use rstudio_pool::config::{AuthConfig, Config, ProviderConfig};
 use rstudio_pool::core::token::Signer;
 use rstudio_pool::demo::{self, DemoOptions};
+use rstudio_pool::edge::proxy::EdgeProxy;
+use rstudio_pool::edge::Edge;
+use rstudio_pool::manager::background::Reconciler;
+use rstudio_pool::manager::links::UserLinks;
+use rstudio_pool::manager::PoolManager;
 use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
-use rstudio_pool::service::api::{ApiServer, CommandApi};
-use rstudio_pool::service::background::Reconciler;
-use rstudio_pool::service::edge::Edge;
-use rstudio_pool::service::links::UserLinks;
-use rstudio_pool::service::manager::PoolManager;
-use rstudio_pool::service::proxy::EdgeProxy;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -3,9 +3,9 @@
 //!
 //! - a plain request that the proxy would let straight through (a ready instance, its owner
 //!   signed in) and that is simple to carry (HTTP/1.1, a body of known, small length) is
-//!   forwarded by [`super::forward`]: one parse, one write each way, no per-request
-//!   allocation beyond the rewritten path;
-//! - an admitted WebSocket handshake becomes a tunnel ([`super::tunnel`]);
+//!   forwarded by [`forward`] over [`crate::http1`]: one parse, one write each way, no
+//!   per-request allocation beyond the rewritten path;
+//! - an admitted WebSocket handshake becomes a tunnel ([`tunnel`]);
 //! - everything else (pages, link exchanges, strangers, chunked or large uploads, HTTP/1.0,
 //!   `Expect`, ...) is put back in front of the stream and handed to Pingora's `HttpProxy`
 //!   for that one request, which answers it with the proxy's hooks; the connection comes
@@ -15,8 +15,8 @@
 //! spends 19,000 (callgrind, BENCHMARKS.md); the common request needs little of it.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
@@ -24,29 +24,48 @@ use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::{GetSocketDigest, Stream};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
+use tokio::io::AsyncWriteExt;
 
-use super::forward::{self, Done, Forward};
-use super::proxy::{Destination, EdgeProxy};
-use super::tunnel::{self, Handshake};
+pub mod forward;
+pub mod proxy;
+pub mod tunnel;
 
-/// A request head longer than this is left to Pingora (which refuses it).
-pub(super) const MAX_HEAD: usize = 64 * 1024;
-/// Headers parsed in a head; a request with more is left to Pingora.
-pub(super) const MAX_HEADERS: usize = 128;
-/// How long a kept-alive connection may wait for its next request: Pingora's own default.
-pub(super) const KEEPALIVE: Duration = Duration::from_secs(60);
-/// How long a kept-alive connection waits before it gives its buffers back.
-pub(super) const SHRINK_AFTER: Duration = Duration::from_secs(1);
+use forward::{Done, Forward};
+use proxy::{Destination, EdgeProxy};
+use tunnel::Handshake;
+
+use crate::http1::conn::{Connection, Limits};
+use crate::http1::MAX_HEADERS;
+use crate::provider::process::now_ms;
 
 /// The edge proxy's connection handler: our own forwarding and WebSocket tunnels, and
 /// Pingora for the rest.
 pub struct Edge {
     proxy: EdgeProxy,
     http: Arc<HttpProxy<EdgeProxy>>,
+    /// Client connections open now, against `proxy.max_connections`.
+    open: AtomicUsize,
+    /// When the limit was last said in the log (ms since the epoch).
+    warned_at: AtomicU64,
 }
 
+/// One client connection counted in [`Edge::open`] while it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer to a connection over the limit: no request is read.
+const AT_LIMIT: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+content-length: 60\r\nretry-after: 5\r\nconnection: close\r\n\r\n\
+The proxy has all the connections it takes. Try again soon.\n";
+
 /// What to do with the request at the front of a connection.
-pub(super) enum Plan {
+enum Plan {
     Forward(Forward),
     Tunnel(Handshake, Destination),
     Pingora,
@@ -57,14 +76,42 @@ impl Edge {
         Self {
             proxy,
             http: Arc::new(http),
+            open: AtomicUsize::new(0),
+            warned_at: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a new client connection: `None` when `proxy.max_connections` are open already
+    /// (said in the log at most once a minute).
+    fn admit_connection(&self) -> Option<Counted<'_>> {
+        let max = self.proxy.config().max_connections;
+        let open = self.open.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted(&self.open);
+        if open < max {
+            return Some(counted);
+        }
+        let now = now_ms();
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log::warn!(
+                "the edge has {max} client connections open, its proxy.max_connections: \
+                 new ones are answered 503 until some close (raise it, and the open-file \
+                 limit with it, if this is real traffic)"
+            );
+        }
+        None
     }
 
     async fn serve(self: &Arc<Self>, client: Box<L4Stream>, shutdown: &ShutdownWatch) {
         let client_ip = client
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-        let mut conn = forward::Connection::new(client, client_ip);
+        let mut conn = Connection::new(client, client_ip);
         let mut first = true;
         loop {
             let Some(plan) = self.next_request(&mut conn, first, shutdown).await else {
@@ -72,14 +119,15 @@ impl Edge {
             };
             first = false;
             match plan {
-                Plan::Forward(job) => match conn.forward(&self.proxy, job).await {
+                Plan::Forward(job) => match forward::forward(&mut conn, &self.proxy, job).await {
                     Done::KeepAlive if !*shutdown.borrow() => continue,
                     Done::KeepAlive | Done::Close => return,
                     Done::Pingora => {}
                 },
                 Plan::Tunnel(handshake, destination) => {
-                    if tunnel::tunnel(&self.proxy, &mut conn, handshake, destination).await {
-                        return;
+                    match tunnel::tunnel(&self.proxy, &mut conn, handshake, destination).await {
+                        Done::Pingora => {}
+                        Done::KeepAlive | Done::Close => return,
                     }
                 }
                 Plan::Pingora => {}
@@ -95,15 +143,19 @@ impl Edge {
     /// connection is finished.
     async fn next_request(
         &self,
-        conn: &mut forward::Connection,
+        conn: &mut Connection,
         first: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<Plan> {
-        let limit = self.proxy.config().downstream_read_timeout;
+        let config = self.proxy.config();
+        let limits = Limits {
+            head: config.request_head_timeout,
+            read: config.downstream_read_timeout,
+        };
         conn.next_head(
             first,
             shutdown,
-            limit,
+            limits,
             |conn| self.plan(conn),
             Plan::Pingora,
         )
@@ -112,7 +164,7 @@ impl Edge {
 
     /// Plans the request whose head is at the front of the connection's input; `None` while
     /// the head is incomplete.
-    fn plan(&self, conn: &mut forward::Connection) -> Option<Plan> {
+    fn plan(&self, conn: &mut Connection) -> Option<Plan> {
         let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let len = match req.parse_with_uninit_headers(&conn.input, &mut headers) {
@@ -146,6 +198,15 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let Some(_counted) = self.admit_connection() else {
+            let mut stream = stream;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                stream.write_all(AT_LIMIT).await?;
+                stream.flush().await
+            })
+            .await;
+            return None;
+        };
         // TLS or other transports: Pingora alone.
         if !stream.as_any().is::<L4Stream>() {
             return self.http.process_new(stream, shutdown).await;

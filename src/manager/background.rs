@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 
-use super::manager::PoolManager;
+use super::PoolManager;
 
 pub struct Reconciler {
     pub manager: Arc<PoolManager>,

@@ -26,13 +26,14 @@ use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use serde_json::{json, Map, Value};
 
-use super::edge::MAX_HEADERS;
-use super::forward::{plain_request, Connection, PlainRequest};
-use super::manager::{ManagerError, PoolManager};
 use crate::config::DEFAULT_PURPOSE;
 use crate::core::auth::{bearer, token_matches};
 use crate::core::command::{decode, Command};
 use crate::core::pool::PoolError;
+use crate::http1::conn::{Connection, Limits};
+use crate::http1::request::{plain_request, PlainRequest};
+use crate::http1::MAX_HEADERS;
+use crate::manager::{ManagerError, PoolManager};
 use crate::provider::{TAG_PURPOSE, TAG_USER};
 
 /// How long a caller may take to send the rest of a request it began: Pingora's default.
@@ -322,10 +323,14 @@ impl ApiServer {
         let mut first = true;
         loop {
             let limit = Some(READ_TIMEOUT);
+            let limits = Limits {
+                head: limit,
+                read: limit,
+            };
             let next = conn.next_head(
                 first,
                 shutdown,
-                limit,
+                limits,
                 |conn| self.plan(conn),
                 Plan::Pingora,
             );

@@ -17,7 +17,6 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use super::manager::{Failure, PoolManager, Stage, Upstream};
 use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
 use crate::core::access::{
     cookie, has_dot_segment, has_link_param, take_link_param, without_cookie, Network,
@@ -30,6 +29,8 @@ use crate::core::route::{
 };
 use crate::core::token::{Claims, Kind, Signer};
 use crate::core::wsframe::FrameScanner;
+use crate::http1::request::passable_name;
+use crate::manager::{Failure, PoolManager, Stage, Upstream};
 use crate::provider::process::now_ms;
 
 /// Cheap to clone: the caches and the manager are shared, so the WebSocket tunnel
@@ -609,7 +610,8 @@ impl Forwarding<'_> {
             name.len() >= prefix.len()
                 && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
         };
-        starts("x-forwarded-")
+        !passable_name(name)
+            || starts("x-forwarded-")
             || starts("x-rstudio-")
             || name.eq_ignore_ascii_case("forwarded")
             || (self.set_host.is_some() && name.eq_ignore_ascii_case("host"))

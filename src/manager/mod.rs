@@ -28,8 +28,10 @@ use log::{error, info, warn};
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-use super::links::UserLinks;
-use super::probe::probe;
+pub mod background;
+pub mod links;
+pub mod probe;
+
 use crate::config::{OnIdle, Purpose};
 use crate::core::breaker::{AfterFailure, Breaker, BreakerSettings, Permit, Refusal};
 use crate::core::ids::{InstanceId, UserId};
@@ -40,6 +42,8 @@ use crate::provider::{
     Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState,
     TAG_ASSIGNED_AT, TAG_LAST_ACTIVITY, TAG_STOPPED_AT, TAG_USER,
 };
+use links::UserLinks;
+use probe::probe;
 
 /// How long a caller waits for a launch (its own or one it took over) to answer.
 const LAUNCH_WAIT: Duration = Duration::from_secs(120);

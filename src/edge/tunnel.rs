@@ -3,7 +3,8 @@
 //! owner signed in), it becomes a tunnel: the handshake is rewritten by the same methods the
 //! Pingora hooks use, and after the workspace's `101` the two sockets are joined by a relay
 //! that holds no buffer while the socket is idle. A handshake the workspace does not answer
-//! with `101` is left to Pingora, which asks again and answers with its pages.
+//! with `101` gets the workspace's answer, once; nothing the client sent after its head
+//! reaches the workspace before a `101`.
 //!
 //! Why: Pingora 0.9.1 keeps two 64 KiB body buffers and a retry buffer for every upgraded
 //! connection (about 60 KB of memory per idle socket, not configurable), and tears an upgraded
@@ -19,14 +20,15 @@ use std::time::Duration;
 
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_http::{RequestHeader, ResponseHeader};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::edge::{MAX_HEAD, MAX_HEADERS};
-use super::forward::Connection;
+use super::forward::{failed, rewrite_head, Done};
 use super::proxy::{Destination, EdgeProxy};
 use crate::core::wsframe::FrameScanner;
+use crate::http1::conn::{Connection, Exchange, Outcome};
+use crate::http1::MAX_HEADERS;
 use crate::provider::process::now_ms;
 
 /// What the relay reads at once, on the stack: an idle socket holds no buffer.
@@ -67,108 +69,91 @@ pub(super) fn handshake(req: &httparse::Request<'_, '_>, len: usize) -> Option<H
 }
 
 /// Carries an admitted handshake to the workspace and, on its `101`, relays the socket until
-/// either side closes it or it has been silent for the WebSocket idle timeout. `true`: the
-/// connection is finished. `false` leaves the client's bytes in place when the workspace
-/// could not be reached or did not switch protocols: Pingora then does the request again and
-/// answers with its pages.
+/// either side closes it or it has been silent for the WebSocket idle timeout. Only the
+/// rewritten head is sent before the `101`; what the client sent after it (frames it should
+/// have held back) follows the `101`. A refusal (any other answer) is passed back once, like
+/// any answer, and the connection closes. [`Done::Pingora`] only when nothing was sent.
 pub(super) async fn tunnel(
     proxy: &EdgeProxy,
     conn: &mut Connection,
     handshake: Handshake,
     destination: Destination,
-) -> bool {
+) -> Done {
     let config = proxy.config();
-    let client_ip = conn.client_ip;
-    let Some((client, head)) = conn.tunnel_parts() else {
-        return true;
-    };
     let Handshake { mut request, len } = handshake;
     let Ok(addr) = proxy.address(Some(&destination)).await else {
-        return false;
+        return Done::Pingora;
     };
-    let Ok(Ok(mut server)) =
-        tokio::time::timeout(config.upstream_connect_timeout, TcpStream::connect(addr)).await
-    else {
-        return false;
-    };
-    let _ = server.set_nodelay(true);
     if proxy
-        .rewrite_request(&mut request, client_ip, Some(&destination))
+        .rewrite_request(&mut request, conn.client_ip, Some(&destination))
         .is_err()
     {
-        return false;
+        return Done::Pingora;
     }
-    let mut out = Vec::with_capacity(head.len() + 256);
-    write_request_head(&request, &mut out);
-    // Whatever the client sent after its head (it should wait for the 101, but may not).
-    out.extend_from_slice(&head[len..]);
-    if server.write_all(&out).await.is_err() {
-        return false;
-    }
-    let answer_limit = config
-        .downstream_read_timeout
-        .unwrap_or(Duration::from_secs(60));
-    let mut answer = Vec::with_capacity(1024);
-    let (mut response, response_len) = loop {
-        if answer.capacity() - answer.len() < 512 {
-            answer.reserve(4096);
-        }
-        match tokio::time::timeout(answer_limit, server.read_buf(&mut answer)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return false,
-        }
-        match response_head(&answer) {
-            Some(Some(parsed)) => break parsed,
-            Some(None) if answer.len() < MAX_HEAD => continue,
-            _ => return false,
-        }
-    };
-    if response.status.as_u16() != 101
-        || proxy
-            .rewrite_response(&mut response, Some(&destination), Some(addr))
-            .is_err()
-    {
-        return false;
-    }
-    out.clear();
-    write_response_head(&response, &mut out);
-    out.extend_from_slice(&answer[response_len..]);
-    drop((answer, request, response));
-    let written = client.write_all(&out).await.and(client.flush().await);
-    drop(out);
-    // The connection's buffers are not needed again: an open socket holds none.
-    conn.release();
-    let Some((client, _)) = conn.tunnel_parts() else {
-        return true;
-    };
     let Destination::Instance {
-        upstream, counts, ..
-    } = destination
+        upstream,
+        counts,
+        prefixed,
+        ..
+    } = &destination
     else {
-        return true;
+        return Done::Pingora;
     };
-    if written.is_err() {
-        return true;
-    }
-    log::debug!("WebSocket tunnel open to {}", upstream.id);
-    if counts {
-        upstream.touch(now_ms());
-    }
+    conn.out.clear();
+    write_request_head(&request, &mut conn.out);
+    drop(request);
+    let job = Exchange {
+        addr,
+        connect_timeout: config.upstream_connect_timeout,
+        head_only: false,
+        retry: false,
+        upgrade: true,
+    };
+    let outcome = conn
+        .exchange(&job, |answer, head| {
+            rewrite_head(proxy, &destination, *prefixed, addr, answer, head)
+        })
+        .await;
+    let mut server = match outcome {
+        Outcome::Upgraded(server) => server,
+        Outcome::KeepAlive | Outcome::Close => return Done::Close,
+        Outcome::Failed(status, failure) => {
+            failed(conn, &upstream.id, status, failure).await;
+            return Done::Close;
+        }
+    };
     // Only the client's data frames are the user's: a browser answers pings on its own.
     let mut frames = FrameScanner::default();
+    let early = &conn.input[len.min(conn.input.len())..];
+    let mut active = *counts;
+    if !early.is_empty() {
+        active |= *counts && frames.feed(early);
+        if server.write_all(early).await.is_err() {
+            return Done::Close;
+        }
+    }
+    // The connection's buffers are not needed again: an open socket holds none.
+    conn.release();
+    let Some(client) = conn.client_stream() else {
+        return Done::Close;
+    };
+    log::debug!("WebSocket tunnel open to {}", upstream.id);
+    if active {
+        upstream.touch(now_ms());
+    }
     let result = relay(
         client,
         &mut server,
         config.websocket_idle_timeout,
         |bytes| {
-            if counts && frames.feed(bytes) {
+            if *counts && frames.feed(bytes) {
                 upstream.touch(now_ms());
             }
         },
     )
     .await;
     log::debug!("WebSocket tunnel to {} closed: {result:?}", upstream.id);
-    true
+    Done::Close
 }
 
 /// The workspace's response head: `None` when it is not HTTP, `Some(None)` when incomplete.
