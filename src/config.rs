@@ -243,6 +243,9 @@ struct PurposeSection {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub pool_name: String,
+    /// Where this process keeps what it must not forget across a restart: the spent links
+    /// (both providers) and the process provider's records, journal and folders.
+    pub state_dir: PathBuf,
     pub provider: ProviderConfig,
     pub api: ApiConfig,
     pub proxy: ProxyConfig,
@@ -881,7 +884,7 @@ fn build(
 
     let provider = match provider {
         ProviderKind::Process => ProviderConfig::Process {
-            state_dir: file.provider.state_dir,
+            state_dir: file.provider.state_dir.clone(),
         },
         ProviderKind::Ec2 => ProviderConfig::Ec2(Box::new(ec2_config(
             file.provider.ec2,
@@ -977,6 +980,7 @@ fn build(
 
     Ok(Config {
         pool_name: file.pool.name,
+        state_dir: file.provider.state_dir,
         auth,
         provider,
         api: ApiConfig {

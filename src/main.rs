@@ -172,6 +172,7 @@ fn main() {
         config.proxy.clone(),
         &config.auth,
         signer,
+        Some(&config.state_dir),
     );
     let http = pingora_proxy::http_proxy(&server.configuration, edge.clone());
     let mut proxy = Service::new("edge proxy".to_owned(), Edge::new(edge, http));

@@ -131,40 +131,78 @@ fn under_prefix(path: &str, id: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?', '#']))
 }
 
-/// Scopes a `Set-Cookie` to the instance: a `Path` outside `/<id>` (or none at all) is moved
-/// under it, so that two workspaces behind one host never overwrite each other's cookies.
-/// Returns `None` when the cookie is already scoped.
-pub fn rewrite_set_cookie(cookie: &str, id: &str) -> Option<String> {
-    let mut parts: Vec<String> = Vec::new();
-    let mut had_path = false;
-    let mut changed = false;
-    for (i, attribute) in cookie.split(';').enumerate() {
-        let trimmed = attribute.trim();
-        // `get`, not slicing: byte 5 may fall inside a multi-byte character (found by
-        // fuzzing, fuzz/corpus/route/crash-set-cookie-char-boundary).
-        if i > 0
-            && trimmed
-                .get(..5)
-                .is_some_and(|p| p.eq_ignore_ascii_case("path="))
-        {
-            had_path = true;
-            let value = &trimmed[5..];
-            if under_prefix(value, id) {
-                parts.push(trimmed.to_owned());
-            } else {
-                changed = true;
-                let value = value.trim_start_matches('/');
-                parts.push(format!("Path=/{id}/{value}"));
-            }
-        } else {
-            parts.push(trimmed.to_owned());
+/// What becomes of a workspace's `Set-Cookie` under a path prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieScope {
+    /// Already scoped to the instance: passed on as written.
+    Keep,
+    /// Passed on as this, its `Path` under the instance.
+    Scoped(String),
+    /// Not a cookie a browser would store (RFC 6265 §5.2: no `=` in its first part, or no
+    /// name): dropped, never passed on unscoped.
+    Drop,
+}
+
+/// Scopes a `Set-Cookie` to the instance, reading it as a browser does (RFC 6265 §5.2):
+/// attributes split at `;`, names trimmed and compared without case, the last `Path` the one
+/// that counts (a value not starting with `/` counts as none). A cookie whose only `Path` is
+/// under `/<id>` is kept as written; any other gets one `Path` under `/<id>`, so that two
+/// workspaces behind one host never set cookies on each other's paths.
+pub fn scope_set_cookie(cookie: &str, id: &str) -> CookieScope {
+    let mut parts = cookie.split(';');
+    let pair = parts.next().unwrap_or_default();
+    match pair.split_once('=') {
+        Some((name, _)) if !name.trim().is_empty() => {}
+        _ => return CookieScope::Drop,
+    }
+    let (mut paths, mut last) = (0, None);
+    for attribute in cookie.split(';').skip(1) {
+        let (name, value) = attribute.split_once('=').unwrap_or((attribute, ""));
+        if name.trim().eq_ignore_ascii_case("path") {
+            paths += 1;
+            let value = value.trim();
+            last = value.starts_with('/').then_some(value);
         }
     }
-    if !had_path {
-        parts.push(format!("Path=/{id}/"));
-        changed = true;
+    if paths == 1 && last.is_some_and(|path| under_prefix(path, id)) {
+        return CookieScope::Keep;
     }
-    changed.then(|| parts.join("; "))
+    let mut out = pair.trim().to_owned();
+    for attribute in parts {
+        let (name, value) = match attribute.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim())),
+            None => (attribute.trim(), None),
+        };
+        if name.is_empty() || name.eq_ignore_ascii_case("path") {
+            continue;
+        }
+        out.push_str("; ");
+        out.push_str(name);
+        if let Some(value) = value {
+            out.push('=');
+            out.push_str(value);
+        }
+    }
+    match last {
+        Some(path) if under_prefix(path, id) => {
+            out.push_str("; Path=");
+            out.push_str(path);
+        }
+        Some(path) => {
+            out.push_str(&format!("; Path=/{id}/{}", path.trim_start_matches('/')));
+        }
+        None => out.push_str(&format!("; Path=/{id}/")),
+    }
+    CookieScope::Scoped(out)
+}
+
+/// [`scope_set_cookie`] for callers that keep what cannot be scoped out of the answer
+/// themselves: `None` when the cookie is kept as written or dropped.
+pub fn rewrite_set_cookie(cookie: &str, id: &str) -> Option<String> {
+    match scope_set_cookie(cookie, id) {
+        CookieScope::Scoped(scoped) => Some(scoped),
+        CookieScope::Keep | CookieScope::Drop => None,
+    }
 }
 
 /// A request that is not a user's action but a purpose's keepalive: RStudio's
@@ -363,23 +401,56 @@ mod tests {
 
     #[test]
     fn cookies_are_scoped_to_the_instance() {
+        let scoped = |c: &str| CookieScope::Scoped(c.to_owned());
         let cases = [
             (
                 "s=1; Path=/; HttpOnly",
-                Some("s=1; Path=/i-0123456789abcdef0/; HttpOnly"),
+                scoped("s=1; HttpOnly; Path=/i-0123456789abcdef0/"),
             ),
-            ("s=1", Some("s=1; Path=/i-0123456789abcdef0/")),
-            ("s=1; path=/app", Some("s=1; Path=/i-0123456789abcdef0/app")),
-            ("s=1; Path=/i-0123456789abcdef0", None),
-            ("s=1; Path=/i-0123456789abcdef0/; Secure", None),
-            ("s=1; abcdé", Some("s=1; abcdé; Path=/i-0123456789abcdef0/")),
+            ("s=1", scoped("s=1; Path=/i-0123456789abcdef0/")),
+            (
+                "s=1; path=/app",
+                scoped("s=1; Path=/i-0123456789abcdef0/app"),
+            ),
+            ("s=1; Path=/i-0123456789abcdef0", CookieScope::Keep),
+            ("s=1; Path=/i-0123456789abcdef0/; Secure", CookieScope::Keep),
+            (
+                "s=1; abcdé",
+                scoped("s=1; abcdé; Path=/i-0123456789abcdef0/"),
+            ),
+            // Spellings a browser reads as `Path=/` (RFC 6265 §5.2: names trimmed, no case).
+            (
+                "s=1; Path =/; HttpOnly",
+                scoped("s=1; HttpOnly; Path=/i-0123456789abcdef0/"),
+            ),
+            ("s=1;PATH= / ", scoped("s=1; Path=/i-0123456789abcdef0/")),
+            (
+                "s=1; \tpath\t=/x",
+                scoped("s=1; Path=/i-0123456789abcdef0/x"),
+            ),
+            // The last `Path` counts; one under the prefix followed by another is not kept.
+            (
+                "s=1; Path=/i-0123456789abcdef0/; Path=/",
+                scoped("s=1; Path=/i-0123456789abcdef0/"),
+            ),
+            (
+                "s=1; Path=/; Path=/i-0123456789abcdef0/a",
+                scoped("s=1; Path=/i-0123456789abcdef0/a"),
+            ),
+            // A value not starting with `/` counts as no path.
+            ("s=1; Path=x", scoped("s=1; Path=/i-0123456789abcdef0/")),
+            // Not cookies: dropped.
+            ("nameless", CookieScope::Drop),
+            ("=1; Path=/", CookieScope::Drop),
+            (" =1", CookieScope::Drop),
+            ("", CookieScope::Drop),
         ];
         for (cookie, expected) in cases {
-            assert_eq!(
-                rewrite_set_cookie(cookie, ID).as_deref(),
-                expected,
-                "{cookie}"
-            );
+            let got = scope_set_cookie(cookie, ID);
+            assert_eq!(got, expected, "{cookie}");
+            if let CookieScope::Scoped(out) = got {
+                assert_eq!(scope_set_cookie(&out, ID), CookieScope::Keep, "{out}");
+            }
         }
     }
 

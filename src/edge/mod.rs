@@ -28,6 +28,7 @@ use tokio::io::AsyncWriteExt;
 
 pub mod forward;
 pub mod proxy;
+mod spent;
 pub mod tunnel;
 
 use forward::{Done, Forward};

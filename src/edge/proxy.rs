@@ -17,6 +17,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use super::spent::SpentLinks;
 use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
 use crate::core::access::{
     cookie, has_dot_segment, has_link_param, take_link_param, without_cookie, Network,
@@ -24,8 +25,8 @@ use crate::core::access::{
 };
 use crate::core::ids::InstanceId;
 use crate::core::route::{
-    forwarded_port, host_instance, is_user_activity, parse, rewrite_location, rewrite_set_cookie,
-    strip_upstream_origin, upstream_path, Target,
+    forwarded_port, host_instance, is_user_activity, parse, rewrite_location, scope_set_cookie,
+    strip_upstream_origin, upstream_path, CookieScope, Target,
 };
 use crate::core::token::{Claims, Kind, Signer};
 use crate::core::wsframe::FrameScanner;
@@ -52,6 +53,7 @@ impl EdgeProxy {
         config: ProxyConfig,
         auth: &AuthConfig,
         signer: Option<Arc<Signer>>,
+        state_dir: Option<&std::path::Path>,
     ) -> Self {
         let https = config.public_url.starts_with("https://");
         let access = match (auth, signer) {
@@ -69,10 +71,7 @@ impl EdgeProxy {
                     .max_capacity(100_000)
                     .time_to_live((*session_ttl).min(Duration::from_secs(600)))
                     .build(),
-                spent: moka::sync::Cache::builder()
-                    .max_capacity(10_000_000)
-                    .time_to_live(*link_ttl)
-                    .build(),
+                spent: Arc::new(SpentLinks::open(state_dir, *link_ttl, now_ms())),
             },
             (
                 AuthConfig::Header {
@@ -137,7 +136,7 @@ enum Access {
         /// Session tokens already verified, so that a request costs a lookup, not an HMAC.
         sessions: moka::sync::Cache<String, Arc<Claims>>,
         /// Nonces of links already exchanged, kept for as long as a link lives.
-        spent: moka::sync::Cache<u64, ()>,
+        spent: Arc<SpentLinks>,
     },
     Header {
         header: String,
@@ -529,13 +528,29 @@ impl EdgeProxy {
             } => {
                 let now = now_ms();
                 if let Some((Some(token), remaining)) = query.map(take_link_param) {
+                    let path = if prefixed {
+                        format!("/{id}{rest}")
+                    } else {
+                        rest.to_owned()
+                    };
+                    let location = if remaining.is_empty() {
+                        path
+                    } else {
+                        format!("{path}?{remaining}")
+                    };
                     let claims = signer
                         .verify(token, Kind::Link, id.as_str(), now)
                         .ok()
                         .filter(|c| Some(c.user.as_str()) == owner)
-                        .filter(|c| spent.entry(c.nonce).or_insert(()).is_fresh());
+                        .filter(|c| spent.spend(c.nonce, c.expires_ms, now));
                     let Some(claims) = claims else {
-                        page(session, 401, "Link not valid", denied, None).await?;
+                        // The owner opening a spent link again (a second click in the
+                        // application) is signed in already: on to the address without it.
+                        if self.allowed(session.req_header(), client_ip, id, owner, None) {
+                            redirect(session, &location, None).await?;
+                        } else {
+                            page(session, 401, "Link not valid", denied, None).await?;
+                        }
                         return Ok(Verdict::Answered);
                     };
                     let cookie_token = signer.sign(&Claims {
@@ -553,16 +568,6 @@ impl EdgeProxy {
                     let set_cookie = format!(
                         "{SESSION_COOKIE}={cookie_token}; Path={scope}; HttpOnly; SameSite=Lax{secure}"
                     );
-                    let path = if prefixed {
-                        format!("/{id}{rest}")
-                    } else {
-                        rest.to_owned()
-                    };
-                    let location = if remaining.is_empty() {
-                        path
-                    } else {
-                        format!("{path}?{remaining}")
-                    };
                     redirect(session, &location, Some(&set_cookie)).await?;
                     return Ok(Verdict::Answered);
                 }
@@ -1121,18 +1126,29 @@ impl EdgeProxy {
             .iter()
             .cloned()
             .collect();
-        let scope = |c: &http::HeaderValue| {
-            c.to_str()
-                .ok()
-                .and_then(|text| rewrite_set_cookie(text, id.as_str()))
+        // Read as text, as a browser reads them; one that is not text is not a cookie we can
+        // scope, and is dropped rather than passed on unscoped.
+        let scope = |c: &http::HeaderValue| match c.to_str() {
+            Ok(text) => scope_set_cookie(text, id.as_str()),
+            Err(_) => CookieScope::Drop,
         };
-        if cookies.iter().any(|c| scope(c).is_some()) {
+        if cookies
+            .iter()
+            .any(|c| !matches!(scope(c), CookieScope::Keep))
+        {
             response.remove_header(&http::header::SET_COOKIE);
             for cookie in cookies {
-                // A cookie that is not text is passed on untouched, never dropped.
                 match scope(&cookie) {
-                    Some(scoped) => response.append_header(http::header::SET_COOKIE, scoped)?,
-                    None => response.append_header(http::header::SET_COOKIE, cookie)?,
+                    CookieScope::Keep => {
+                        response.append_header(http::header::SET_COOKIE, cookie)?
+                    }
+                    CookieScope::Scoped(scoped) => {
+                        response.append_header(http::header::SET_COOKIE, scoped)?
+                    }
+                    CookieScope::Drop => {
+                        log::debug!("{id}: dropped a Set-Cookie that is not a cookie");
+                        continue;
+                    }
                 };
             }
         }

@@ -8,8 +8,13 @@
 //! between spawning and writing the record), the way EC2 tags are set from the first moment.
 //! After a restart of rstudio-pool, [`Provider::list`] re-adopts the processes that still run
 //! and forgets the dead ones.
+//!
+//! Every workspace runs as the pool's own OS user, so this provider is a convenience for one
+//! person or a demo, not a boundary between users (EC2 instances are). It does keep the pool's
+//! secrets out of a workspace's environment ([`WORKSPACE_ENV`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +33,51 @@ use crate::core::ids::InstanceId;
 
 /// How long a workspace gets to exit after SIGTERM before its group is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The variables a workspace takes from the pool's environment, when the pool has them; a
+/// trailing `*` takes every variable with that prefix (`LC_*`: the locale). Every workspace
+/// starts from an empty environment with these, then the variables the provider sets
+/// ([`INSTANCE_ID_VAR`]). Nothing else is passed on, because the pool's environment holds what
+/// a workspace must not see:
+/// - its secrets: `AUTH_SECRETS` signs every user's link and `API_TOKEN` opens the command API,
+///   and code a user runs in a workspace reads its own environment (`/proc/self/environ`), so
+///   with them it could forge any user's link and assign or delete workspaces;
+/// - settings meant for the pool alone, such as `PORT` (the proxy's port, which code-server
+///   reads and then binds itself) or `RUST_LOG`.
+///
+/// A workspace that needs more is given it explicitly rather than by widening this list.
+/// JupyterLab from a virtualenv needs only `PATH` (with the virtualenv's `bin` in it): its
+/// scripts name the virtualenv's interpreter, and kernels start with that interpreter.
+pub const WORKSPACE_ENV: &[&str] = &[
+    "PATH", "HOME", "LANG", "LANGUAGE", "LC_ALL", "LC_*", "TZ", "TMPDIR", "USER", "LOGNAME",
+    "SHELL", "TERM",
+];
+
+/// The variable that tells a workspace its instance id.
+pub const INSTANCE_ID_VAR: &str = "RSTUDIO_POOL_INSTANCE_ID";
+
+/// Whether [`WORKSPACE_ENV`] passes the variable `name` on to workspaces.
+fn passed_to_workspaces(name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    WORKSPACE_ENV
+        .iter()
+        .any(|allowed| match allowed.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *allowed,
+        })
+}
+
+/// The part of an environment (the pool's) that workspaces inherit: [`WORKSPACE_ENV`].
+pub fn workspace_env(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    inherited
+        .into_iter()
+        .filter(|(name, _)| passed_to_workspaces(name))
+        .collect()
+}
 
 /// The command line of one purpose: the program and its arguments, with the placeholders
 /// `{port}`, `{instance_id}`, `{base_path}` and `{exe}` (this binary).
@@ -112,6 +162,8 @@ pub struct Inner {
     pool_name: String,
     commands: HashMap<String, CommandTemplate>,
     exe: String,
+    /// What every workspace inherits of the pool's environment ([`WORKSPACE_ENV`]), read once.
+    inherited_env: Vec<(OsString, OsString)>,
     /// Processes this run spawned, kept so that their exit is reaped (no zombies).
     children: Mutex<HashMap<String, Child>>,
     /// Ports handed to live workspaces. A port is free to the kernel from the moment we probe
@@ -165,6 +217,7 @@ impl ProcessProvider {
                 pool_name: pool_name.to_owned(),
                 commands,
                 exe,
+                inherited_env: workspace_env(std::env::vars_os()),
                 children: Mutex::new(HashMap::new()),
                 ports: Mutex::new(HashSet::new()),
                 journal,
@@ -607,7 +660,10 @@ impl Inner {
             Command::new(program)
                 .args(args)
                 .current_dir(self.work_dir().join(id.as_str()))
-                .env("RSTUDIO_POOL_INSTANCE_ID", id.as_str())
+                // Only what WORKSPACE_ENV allows of the pool's environment: not its secrets.
+                .env_clear()
+                .envs(self.inherited_env.iter().map(|(k, v)| (k, v)))
+                .env(INSTANCE_ID_VAR, id.as_str())
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log_err)
@@ -1087,6 +1143,42 @@ mod tests {
                 "--base=/i-0123456789abcdef0/"
             ]
         );
+    }
+
+    #[test]
+    fn workspaces_inherit_only_the_allowed_variables() {
+        let pool: Vec<(OsString, OsString)> = [
+            ("PATH", "/venv/bin:/usr/bin"),
+            ("HOME", "/home/ana"),
+            ("LANG", "C.UTF-8"),
+            ("LC_ALL", "C.UTF-8"),
+            ("LC_PAPER", "en_GB.UTF-8"),
+            ("TZ", "Europe/Paris"),
+            ("AUTH_SECRETS", "0123456789abcdef0123"),
+            ("API_TOKEN", "sesame"),
+            ("PORT", "8081"),
+            ("RUST_LOG", "debug"),
+            ("AWS_SECRET_ACCESS_KEY", "x"),
+            ("PATHS", "not PATH"),
+            ("XLC_ALL", "not a locale"),
+            ("lc_all", "not a locale either"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+        let kept: Vec<String> = workspace_env(pool)
+            .into_iter()
+            .map(|(k, _)| k.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            kept,
+            ["PATH", "HOME", "LANG", "LC_ALL", "LC_PAPER", "TZ"],
+            "{kept:?}"
+        );
+        // A name that is not UTF-8 matches nothing.
+        use std::os::unix::ffi::OsStringExt;
+        let odd = OsString::from_vec(b"LC_\xff".to_vec());
+        assert!(workspace_env([(odd, OsString::from("x"))]).is_empty());
     }
 
     /// A state folder with one record per id, as a launch writes it.
