@@ -14,6 +14,10 @@
 #      ready instances warm, $API_ROUNDS times after $API_WARMUP warm-up burst not counted (the pool
 #      refills in between), each after the same burst against GET /healthz: the floor of HTTP on these cores.
 #      The server runs on one core and the callers on the other (API_PIN=0: both anywhere).
+#   4. Slow clients: $SLOW_CLIENTS connections to rstudio-pool, then to nginx, each sending a
+#      request head one byte a second and never finishing it (reopened when the proxy closes
+#      it), for $SLOW_SECONDS s, while a normal user asks for the page $SLOW_RATE times a second
+#      (benches/slow_clients.rs); each proxy first with no slow clients, the baseline.
 # Prints one table per part; figures are ratios to nginx measured in the same run.
 #
 #   benches/load.sh                          # everything, about 6 minutes
@@ -22,6 +26,8 @@
 #   BENCH_AUTH=none PARTS=http benches/load.sh   # what the access check costs
 #   BENCH_PINGORA="work_stealing: false" benches/load.sh   # Pingora server keys for rstudio-pool
 #   PARTS=ws WS_SOCKETS=10000 WS_SECONDS=600 WS_PROXIES=rstudio-pool benches/load.sh   # the soak
+#   PARTS=slow benches/load.sh               # slow clients against the normal user, about 3.5 minutes
+#   PARTS=slow SLOW_CLIENTS=10000 SLOW_SECONDS=90 SLOW_PROXIES=rstudio-pool benches/load.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -37,6 +43,10 @@ API_WARMUP="${API_WARMUP:-1}"
 # The assignment part pins the server to one core and the callers to the other, as callers on
 # other machines would be; API_PIN=0 lets the scheduler place both.
 API_PIN="${API_PIN:-1}"
+SLOW_CLIENTS="${SLOW_CLIENTS:-5000}"
+# Longer than rstudio-pool's proxy.request_head_timeout_ms (15 s), so that the deadline is met.
+SLOW_SECONDS="${SLOW_SECONDS:-40}"
+SLOW_RATE="${SLOW_RATE:-20}"
 PARTS="${PARTS:-http instr ws api}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
@@ -55,7 +65,7 @@ if [ ! -x "$CHP" ]; then
   mkdir -p "$NODE_DIR" && (cd "$NODE_DIR" && npm install --silent configurable-http-proxy >/dev/null)
 fi
 
-cargo build --release --bin rstudio-pool --example bare_proxy --example ws_load --example api_load 2>&1 | tail -1 >&2
+cargo build --release --bin rstudio-pool --example bare_proxy --example ws_load --example api_load --example slow_clients 2>&1 | tail -1 >&2
 BIN="$CARGO_TARGET_DIR/release"
 NGINX="$(command -v nginx)"
 
@@ -425,4 +435,47 @@ EOF
   done
   median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
   echo "assignment p99 by round: ${p99s[*]} ms; median $(median "${p99s[@]}") ms (floor median $(median "${floors[@]}") ms)"
+fi
+
+# ---- Part 4: slow clients ----
+# rstudio-pool runs with its defaults: proxy.request_head_timeout_ms 15000 (a head must be
+# whole within 15 s of its first byte, else 408 and close), proxy.max_connections 16384.
+# nginx has its default client_header_timeout (60 s).
+if [[ " $PARTS " == *" slow "* ]]; then
+  echo
+  echo "Slow clients: N connections sending a request head one byte a second, never finishing it (opened 500 at a time, reopened when the proxy closes one), for ${SLOW_SECONDS} s after all are open; meanwhile a normal user requests the page with its session cookie ${SLOW_RATE} times a second, sequentially, every other request on a new connection. Baseline: no slow clients. One worker per proxy."
+  printf '| %-14s | %12s | %29s | %34s | %20s | %6s | %8s | %8s | %8s |\n' proxy "slow clients" "slow connections open (peak)" "closed by the proxy (408 or close)" "normal user requests" failed "p50 ms" "p99 ms" "max ms"
+  printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' ---------------- -------------- ------------------------------- ------------------------------------ ---------------------- -------- ---------- ---------- ----------
+  notes=()
+  for name in ${SLOW_PROXIES:-rstudio-pool nginx}; do
+    case $name in
+      rstudio-pool) addr="127.0.0.1:$PROXY" ;;
+      nginx) addr="127.0.0.1:$NGX" ;;
+    esac
+    for n in 0 $SLOW_CLIENTS; do
+      out=$("$BIN/examples/slow_clients" "$addr" "/$ID/" "$COOKIE" "$n" "$SLOW_SECONDS" "$SLOW_RATE" 2>"$WORK/slow-$name-$n.err") || true
+      if [ -s "$WORK/slow-$name-$n.err" ]; then sed "s/^/load: $name, $n slow: /" "$WORK/slow-$name-$n.err" >&2; fi
+      if [ -z "$out" ]; then echo "load: slow_clients gave nothing for $name with $n" >&2; continue; fi
+      row=$(echo "$out" | python3 -c '
+import sys, json
+name, n = sys.argv[1], sys.argv[2]
+v = json.load(sys.stdin)
+f = lambda x: "-" if x is None else "%.2f" % x
+closed = "%d (%d with 408)" % (v["closed"], v["closed_408"])
+print("| %-14s | %12s | %29s | %34s | %20s | %6s | %8s | %8s | %8s |" % (name, n, v["peak_open"], closed,
+      v["requests"], v["failed"], f(v["p50_ms"]), f(v["p99_ms"]), f(v["max_ms"])))
+print("%s, %s slow: opened in %.1f s, %d opened in all, %d failed to open; closed after %s (503: %d, other answers: %d); "
+      "kept-alive p50/p99 %s/%s ms, new connection p50/p99 %s/%s ms; failures: connect %d, status %d, I/O %d, timeout %d"
+      % (name, n, v["ramp_s"], v["opened"], v["connect_failed"], "none" if v["closed_after_min_s"] is None else "%.1f-%.1f s" % (v["closed_after_min_s"], v["closed_after_max_s"]),
+         v["closed_503"], v["closed_other_answer"], f(v["keepalive_p50_ms"]), f(v["keepalive_p99_ms"]),
+         f(v["new_conn_p50_ms"]), f(v["new_conn_p99_ms"]), v["failed_connect"], v["failed_status"],
+         v["failed_io"], v["failed_timeout"]))
+' "$name" "$n") || { echo "load: slow_clients for $name with $n: $out" >&2; continue; }
+      echo "$row" | head -1
+      notes+=("$(echo "$row" | tail -1)")
+      # The closed slow connections' TIME_WAITs and the proxy's buffers settle.
+      sleep 2
+    done
+  done
+  printf '%s\n' "${notes[@]}"
 fi
