@@ -186,6 +186,7 @@ struct ProxySection {
     downstream_read_timeout_ms: u64,
     request_head_timeout_ms: u64,
     max_connections: usize,
+    own_forwarding: bool,
     websocket_idle_timeout_ms: u64,
     upstream_connect_timeout_ms: u64,
     host_domain: Option<String>,
@@ -204,6 +205,7 @@ impl Default for ProxySection {
             downstream_read_timeout_ms: 60_000,
             request_head_timeout_ms: 15_000,
             max_connections: 16_384,
+            own_forwarding: true,
             websocket_idle_timeout_ms: 86_400_000,
             upstream_connect_timeout_ms: 5_000,
             host_domain: None,
@@ -320,6 +322,9 @@ pub struct ProxyConfig {
     pub request_head_timeout: Option<Duration>,
     /// Client connections the edge holds at once; more are answered 503.
     pub max_connections: usize,
+    /// Whether the edge carries plain requests and WebSocket tunnels itself; `false` hands
+    /// every request to Pingora.
+    pub own_forwarding: bool,
     /// How long an upgraded (WebSocket) connection may stay silent; `None` waits forever.
     pub websocket_idle_timeout: Option<Duration>,
     pub upstream_connect_timeout: Duration,
@@ -998,6 +1003,7 @@ fn build(
             downstream_read_timeout: optional_ms(file.proxy.downstream_read_timeout_ms),
             request_head_timeout: optional_ms(file.proxy.request_head_timeout_ms),
             max_connections: file.proxy.max_connections.max(1),
+            own_forwarding: file.proxy.own_forwarding,
             websocket_idle_timeout: optional_ms(file.proxy.websocket_idle_timeout_ms),
             upstream_connect_timeout: Duration::from_millis(
                 file.proxy.upstream_connect_timeout_ms.max(1),
