@@ -651,3 +651,43 @@ async fn only_the_owner_resumes_a_paused_workspace_and_only_from_its_page() {
     assert_eq!(r.headers()["location"].to_str().unwrap(), format!("/{id}/"));
     wait_ready_with(&server, &id, &ana).await;
 }
+
+#[tokio::test]
+async fn a_spent_link_leads_its_signed_in_owner_on_and_stays_spent_across_a_restart() {
+    let mut server = Server::start(Options {
+        auth_yaml: Some(token_auth(60)),
+        ..Options::default()
+    })
+    .await;
+    let (link_a, a) = link(&server, "ana").await;
+    let (location, set_cookie) = exchange(&server, &link_a).await;
+    let session = cookie_pair(&set_cookie);
+    wait_ready_with(&server, &a, &session).await;
+
+    // The owner clicks the link again in the application: signed in already, so on to the
+    // address without the link (no new session), not "Link not valid".
+    let again = server
+        .client()
+        .get(&link_a)
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::FOUND);
+    assert_eq!(again.headers()["location"].to_str().unwrap(), location);
+    assert!(again.headers().get("set-cookie").is_none());
+    // Without the session it is spent.
+    let r = server.client().get(&link_a).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A link handed out but not yet opened, and the spent one, across a restart.
+    let (link_b, _) = link(&server, "bo").await;
+    server.restart().await;
+    let r = server.client().get(&link_a).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "a spent link worked again after a restart"
+    );
+    exchange(&server, &link_b).await;
+}
