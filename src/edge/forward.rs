@@ -90,8 +90,8 @@ pub(super) async fn forward(conn: &mut Connection, proxy: &EdgeProxy, job: Forwa
     }
 }
 
-/// Brings the workspace's answer head back under the instance's prefix (a `Location`, and
-/// under a prefix a `Set-Cookie`) when it has anything to bring: `false` refuses it.
+/// Brings the workspace's answer head (with a `Location` or a `Set-Cookie`) back under the
+/// instance's prefix: `false` refuses it.
 pub(super) fn rewrite_head(
     proxy: &EdgeProxy,
     destination: &Destination,

@@ -40,6 +40,9 @@ pub struct Answer {
     pub location: bool,
     /// It has a `Set-Cookie`.
     pub set_cookie: bool,
+    /// The head at the front of the buffer is already as the client gets it, and nothing
+    /// was written: it is passed on as it came.
+    pub canonical: bool,
 }
 
 /// Why an answer head was refused; the edge answers 502 (or closes, mid-answer).
@@ -71,10 +74,11 @@ fn parser() -> httparse::ParserConfig {
     config
 }
 
-/// Reads the answer head at the front of `buf` and appends it to `out` as the client gets
-/// it: `HTTP/1.1`, the status and reason, each header as `name: value` with CRLF (a folded
-/// value unfolded, a `Content-Length` beside an encoding left out). `Ok(None)` while the
-/// head is incomplete (nothing written). `head_only`: the answer to a `HEAD`, with no body.
+/// Reads the answer head at the front of `buf` and, unless it is [`Answer::canonical`]
+/// already, appends it to `out` as the client gets it: `HTTP/1.1`, the status and reason,
+/// each header as `name: value` with CRLF (a folded value unfolded, a `Content-Length`
+/// beside an encoding left out). `Ok(None)` while the head is incomplete (nothing written).
+/// `head_only`: the answer to a `HEAD`, with no body.
 pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Answer>, Refusal> {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
@@ -145,6 +149,19 @@ pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Ans
     // A length beside an encoding: dropped, and that connection not kept (RFC 9112 §6.3).
     close |= encoded && lengths;
     let drop_lengths = encoded && lengths;
+    let keep_alive = !close && framing != Framing::Close;
+    let answer = Answer {
+        head_len,
+        status,
+        framing,
+        keep_alive,
+        location,
+        set_cookie,
+        canonical: !drop_lengths && canonical(buf, head_len, &res),
+    };
+    if answer.canonical {
+        return Ok(Some(answer));
+    }
     out.reserve(head_len + 16);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&[
@@ -182,15 +199,47 @@ pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Ans
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let keep_alive = !close && framing != Framing::Close;
-    Ok(Some(Answer {
-        head_len,
-        status,
-        framing,
-        keep_alive,
-        location,
-        set_cookie,
-    }))
+    Ok(Some(answer))
+}
+
+/// Whether the head at the front of `buf` is byte for byte what [`read`] would write: the
+/// status line `HTTP/1.1 SSS reason`, then each header as `name: value` (a value of its own
+/// without line breaks), all lines ended by CRLF and nothing between them. Found from where
+/// `httparse` placed each part, a few comparisons a header, so that the common answer is
+/// passed on as it came instead of being copied.
+fn canonical(buf: &[u8], head_len: usize, res: &httparse::Response<'_, '_>) -> bool {
+    let base = buf.as_ptr() as usize;
+    let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base);
+    let crlf = |at: usize| buf.get(at..at + 2) == Some(b"\r\n");
+    let Some(reason) = res.reason.filter(|r| !r.is_empty()) else {
+        return false;
+    };
+    if !buf.starts_with(b"HTTP/1.1 ")
+        || buf.get(12) != Some(&b' ')
+        || offset(reason.as_bytes()) != 13
+    {
+        return false;
+    }
+    let mut at = 13 + reason.len();
+    if !crlf(at) {
+        return false;
+    }
+    at += 2;
+    for h in res.headers.iter() {
+        if h.value.is_empty() || offset(h.name.as_bytes()) != at {
+            return false;
+        }
+        at += h.name.len();
+        if buf.get(at..at + 2) != Some(b": ") || offset(h.value) != at + 2 {
+            return false;
+        }
+        at += 2 + h.value.len();
+        if !crlf(at) || h.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return false;
+        }
+        at += 2;
+    }
+    crlf(at) && at + 2 == head_len
 }
 
 /// A `Content-Length` item: digits only, as Pingora's `from_digits`.
@@ -212,7 +261,43 @@ mod tests {
     fn norm(head: &str) -> (Answer, String) {
         let mut out = Vec::new();
         let answer = read(head.as_bytes(), false, &mut out).unwrap().unwrap();
+        if answer.canonical {
+            assert!(out.is_empty());
+            out.extend_from_slice(&head.as_bytes()[..answer.head_len]);
+        }
         (answer, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn only_heads_written_as_we_would_write_them_pass_as_they_came() {
+        for head in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nA: 1\r\nB: two words\r\n\r\n",
+        ] {
+            assert!(norm(head).0.canonical, "{head:?}");
+        }
+        for head in [
+            "HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n",
+            "HTTP/1.1 200 OK\nContent-Length: 12\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 12\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length:12\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length :12\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length:  12\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 12 \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nX:\r\n\r\n",
+            "HTTP/1.1 200 \r\nContent-Length: 1\r\n\r\n",
+            "HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let (answer, out) = norm(head);
+            assert!(!answer.canonical, "{head:?}");
+            // What is written instead passes as it comes when read again.
+            assert!(
+                norm(&out).0.canonical || out.contains(" \r\n") || out.contains(": \r\n"),
+                "{out:?}"
+            );
+        }
     }
 
     #[test]

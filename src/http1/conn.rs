@@ -292,8 +292,9 @@ impl Connection {
     }
 
     /// Sends the request in `out` to `job.addr` and passes the answer back to the client,
-    /// its head as [`answer::read`] wrote it and then through `rewrite` (which may change the
-    /// head in place, or refuse it with `false`). The connection is kept for the client's
+    /// its head as [`answer::read`] wrote it (or as it came, when that is the same) and, when
+    /// it has a `Location` or `Set-Cookie`, through `rewrite` (which may change the head in
+    /// place, or refuse it with `false`). The connection is kept for the client's
     /// next request when the answer allows; a kept one is used again only when nothing
     /// arrived on it since, and a request is sent again on a new connection only when it may
     /// be repeated and the kept one failed before any answer.
@@ -344,7 +345,7 @@ impl Connection {
         let head_len = answer.head_len;
         let arrived = (self.answer.len() - head_len) as u64;
         if job.upgrade && answer.status == 101 {
-            if !rewrite(&answer, &mut self.head) {
+            if !self.client_head(&answer, rewrite) {
                 self.upstream = None;
                 return Outcome::Failed(502, Failure::Rewrite);
             }
@@ -381,20 +382,26 @@ impl Connection {
             // Anything after the body was not asked for: that connection is not kept.
             _ => Some(arrived == now),
         };
-        if !rewrite(&answer, &mut self.head) {
+        let as_it_came = answer.canonical && !(answer.location || answer.set_cookie);
+        if !as_it_came && !self.client_head(&answer, rewrite) {
             self.upstream = None;
             return Outcome::Failed(502, Failure::Rewrite);
         }
         let Some(client) = self.client.as_mut() else {
             return Outcome::Close;
         };
-        let body = &self.answer[head_len..head_len + now as usize];
+        let end = head_len + now as usize;
         // Each piece is flushed as it is written: the client stream buffers small writes, and
         // a streamed answer must not wait in that buffer for the next piece.
-        if client.write_all(&self.head).await.is_err()
-            || client.write_all(body).await.is_err()
-            || client.flush().await.is_err()
-        {
+        let written = if as_it_came {
+            client.write_all(&self.answer[..end]).await
+        } else {
+            match client.write_all(&self.head).await {
+                Ok(()) => client.write_all(&self.answer[head_len..end]).await,
+                Err(e) => Err(e),
+            }
+        };
+        if written.is_err() || client.flush().await.is_err() {
             return self.broken();
         }
         // The rest of a body that did not come in one piece.
@@ -454,7 +461,23 @@ impl Connection {
         }
     }
 
-    /// Reads the server's answer head into `answer` and its canonical form into `head`,
+    /// Puts the answer head as the client gets it into `head` (copied when it came canonical)
+    /// and, when it has a `Location` or `Set-Cookie`, lets `rewrite` change it: `false` when
+    /// `rewrite` refused it.
+    fn client_head(
+        &mut self,
+        answer: &Answer,
+        rewrite: impl FnOnce(&Answer, &mut Vec<u8>) -> bool,
+    ) -> bool {
+        if answer.canonical {
+            self.head.clear();
+            self.head.extend_from_slice(&self.answer[..answer.head_len]);
+        }
+        !(answer.location || answer.set_cookie) || rewrite(answer, &mut self.head)
+    }
+
+    /// Reads the server's answer head into `answer` and, unless it came canonical, its
+    /// canonical form into `head`,
     /// passing informational (1xx) answers on to the client as they come.
     async fn read_answer(&mut self, job: &Exchange) -> Result<Answer, Failure> {
         let Some((_, server)) = self.upstream.as_mut() else {
@@ -483,7 +506,12 @@ impl Connection {
                 let Some(client) = self.client.as_mut() else {
                     return Err(Failure::Io(io::ErrorKind::NotConnected.into()));
                 };
-                let sent = client.write_all(&self.head).await;
+                let head = if answer.canonical {
+                    &self.answer[..answer.head_len]
+                } else {
+                    &self.head[..]
+                };
+                let sent = client.write_all(head).await;
                 if let Err(e) = sent.and(client.flush().await) {
                     return Err(Failure::Io(e));
                 }
