@@ -80,16 +80,43 @@ fn parser() -> httparse::ParserConfig {
 /// beside an encoding left out). `Ok(None)` while the head is incomplete (nothing written).
 /// `head_only`: the answer to a `HEAD`, with no body.
 pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Answer>, Refusal> {
+    // Strictly first: a head that needs none of Pingora's leniencies (folded lines, blanks
+    // before a colon) has values without line breaks, which the canonical check relies on.
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
-    let head_len = match parser().parse_response_with_uninit_headers(&mut res, buf, &mut headers) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= super::MAX_HEAD => {
-            return Err(Refusal::TooLong)
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res,
+        buf,
+        &mut headers,
+    );
+    match parsed {
+        Ok(status) => finish(buf, status, res, true, head_only, out),
+        Err(httparse::Error::TooManyHeaders) => Err(Refusal::TooLong),
+        Err(_) => {
+            let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut []);
+            match parser().parse_response_with_uninit_headers(&mut res, buf, &mut headers) {
+                Ok(status) => finish(buf, status, res, false, head_only, out),
+                Err(httparse::Error::TooManyHeaders) => Err(Refusal::TooLong),
+                Err(_) => Err(Refusal::Malformed),
+            }
         }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::TooLong),
-        Err(_) => return Err(Refusal::Malformed),
+    }
+}
+
+/// The rest of [`read`], on a head `httparse` read (`strict`: with its default settings).
+fn finish(
+    buf: &[u8],
+    parsed: httparse::Status<usize>,
+    res: httparse::Response<'_, '_>,
+    strict: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<Answer>, Refusal> {
+    let head_len = match parsed {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial if buf.len() >= super::MAX_HEAD => return Err(Refusal::TooLong),
+        httparse::Status::Partial => return Ok(None),
     };
     if head_len > super::MAX_HEAD {
         return Err(Refusal::TooLong);
@@ -157,7 +184,7 @@ pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Ans
         keep_alive,
         location,
         set_cookie,
-        canonical: !drop_lengths && canonical(buf, head_len, &res),
+        canonical: strict && !drop_lengths && canonical(buf, head_len, &res),
     };
     if answer.canonical {
         return Ok(Some(answer));
@@ -204,9 +231,9 @@ pub fn read(buf: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Ans
 
 /// Whether the head at the front of `buf` is byte for byte what [`read`] would write: the
 /// status line `HTTP/1.1 SSS reason`, then each header as `name: value` (a value of its own
-/// without line breaks), all lines ended by CRLF and nothing between them. Found from where
-/// `httparse` placed each part, a few comparisons a header, so that the common answer is
-/// passed on as it came instead of being copied.
+/// without line breaks: `res` was read strictly), all lines ended by CRLF and nothing between
+/// them. Found from where `httparse` placed each part, a few comparisons a header, so that
+/// the common answer is passed on as it came instead of being copied.
 fn canonical(buf: &[u8], head_len: usize, res: &httparse::Response<'_, '_>) -> bool {
     let base = buf.as_ptr() as usize;
     let offset = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(base);
@@ -234,7 +261,7 @@ fn canonical(buf: &[u8], head_len: usize, res: &httparse::Response<'_, '_>) -> b
             return false;
         }
         at += 2 + h.value.len();
-        if !crlf(at) || h.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+        if !crlf(at) {
             return false;
         }
         at += 2;

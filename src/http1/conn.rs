@@ -164,8 +164,8 @@ impl Connection {
     /// incomplete. `None`: the connection is finished (closed, silent for too long, or the
     /// server is stopping). Between requests a connection may idle for the keep-alive time
     /// (giving its buffers back after a moment) and is closed early when the server stops;
-    /// a head must be complete within `limits.head` of its first byte (of the connection's
-    /// start, for the first), or it is answered with 408.
+    /// a head must be complete within `limits.head` of the first read that found it
+    /// incomplete (of the connection's start, for the first), or it is answered with 408.
     pub async fn next_head<P>(
         &mut self,
         first: bool,
@@ -175,9 +175,9 @@ impl Connection {
         too_long: P,
     ) -> Option<P> {
         let mut shutdown = shutdown.clone();
-        let mut deadline = (first || !self.input.is_empty())
-            .then(|| limits.head.map(|d| Instant::now() + d))
-            .flatten();
+        // Set when a read within a head is first needed: a head that comes whole in the read
+        // that ended the keep-alive wait (nearly all of them) never reads the clock.
+        let mut deadline: Option<Instant> = None;
         loop {
             if !self.input.is_empty() {
                 match plan(self) {
@@ -192,7 +192,7 @@ impl Connection {
                     return None;
                 }
                 let mut shrunk = false;
-                let n = loop {
+                loop {
                     let wait = if shrunk {
                         KEEPALIVE - SHRINK_AFTER
                     } else {
@@ -209,10 +209,11 @@ impl Connection {
                         },
                         _ = shutdown.changed() => return None,
                     }
-                };
-                deadline = limits.head.map(|d| Instant::now() + d);
-                n
+                }
             } else {
+                if deadline.is_none() {
+                    deadline = limits.head.map(|d| Instant::now() + d);
+                }
                 let limit = match (limits.read, deadline) {
                     (read, None) => read,
                     (read, Some(deadline)) => {
