@@ -131,6 +131,13 @@ fn finish(
         if name.eq_ignore_ascii_case("content-length") {
             lengths = true;
             // Reconciled later: only when no encoding makes it moot.
+            if length.is_none() {
+                if let Some(n) = digits(h.value) {
+                    // The common case: one header, one number.
+                    length = Some(n);
+                    continue;
+                }
+            }
             for item in h.value.split(|&b| b == b',') {
                 match (digits(item.trim_ascii()), length) {
                     (Some(n), None) => length = Some(n),
