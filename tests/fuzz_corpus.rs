@@ -1,15 +1,38 @@
-//! Replays the fuzzing regression corpus (`fuzz/corpus/route/` and `fuzz/corpus/command/`)
-//! through the same functions and the same property checks as the cargo-fuzz targets, as a
-//! plain `cargo test`: no libFuzzer, no nightly flags.
+//! Replays the fuzzing regression corpus (`fuzz/corpus/route/`, `fuzz/corpus/command/` and
+//! `fuzz/corpus/answer/`) through the same functions and the same property checks as the
+//! cargo-fuzz targets, as a plain `cargo test`: no libFuzzer, no nightly flags.
 //!
-//! This file is also the single home of those checks: `fuzz/fuzz_targets/route.rs` and
-//! `fuzz/fuzz_targets/command.rs` include it as a module (`#[path]`) and call
-//! [`check_route`] and [`check_command`] on every input, so the fuzzers and this replay can
-//! never drift apart. Keep it free of anything but the library, `serde_json` and `std`.
+//! This file is also the single home of the `route` and `command` checks:
+//! `fuzz/fuzz_targets/route.rs` and `fuzz/fuzz_targets/command.rs` include it as a module
+//! (`#[path]`) and call [`check_route`] and [`check_command`] on every input, so the fuzzers
+//! and this replay can never drift apart. Keep it free of anything but the library,
+//! `serde_json` and `std` outside `cfg(test)`.
+//!
+//! The `answer` checks live in `fuzz/checks/answer.rs`, because that target is built without
+//! the library: it compiles the pure files of `src/http1/` on their own
+//! (`fuzz/checks/http1.rs`). Here both files are included under `cfg(test)`: the checks run
+//! against `rstudio_pool::http1`, and the shim is compiled and its limits compared with the
+//! library's.
 
 use rstudio_pool::core::command::{decode, Command, CommandError};
 use rstudio_pool::core::ids::{is_instance_id, InstanceId, UserId, MAX_USER_ID_LEN};
 use rstudio_pool::core::route::{parse, rewrite_location, rewrite_set_cookie, Target};
+
+/// What `fuzz/checks/answer.rs` reads as `super::http1`: here, the library's own module.
+#[cfg(test)]
+use rstudio_pool::http1;
+
+/// The `answer` target's checks.
+#[cfg(test)]
+#[path = "../fuzz/checks/answer.rs"]
+mod answer_checks;
+
+/// The `answer` target's stand-in for `rstudio_pool::http1` (its three pure files, compiled
+/// outside the crate, and copies of the two limits).
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../fuzz/checks/http1.rs"]
+mod http1_shim;
 
 /// The instance the rewriting checks scope to.
 pub const ID: &str = "i-0123456789abcdef0";
@@ -207,4 +230,65 @@ fn the_route_corpus_replays() {
 fn the_command_corpus_replays() {
     let replayed = replay("command", check_command);
     assert!(replayed > 0, "fuzz/corpus/command/ is empty");
+}
+
+#[test]
+fn the_answer_corpus_replays() {
+    let replayed = replay("answer", answer_checks::check_answer);
+    assert!(replayed > 0, "fuzz/corpus/answer/ is empty");
+}
+
+/// The `answer` target compiles `src/http1/{answer,chunks,request}.rs` outside the crate,
+/// with copies of the limits they use: the copies must be the library's.
+#[test]
+fn the_answer_target_has_the_library_limits() {
+    assert_eq!(http1_shim::MAX_HEAD, http1::MAX_HEAD);
+    assert_eq!(http1_shim::MAX_HEADERS, http1::MAX_HEADERS);
+}
+
+/// The `answer` checks on inputs at the limits, which libFuzzer's 4 KiB inputs never reach
+/// and which are too big to keep in the corpus.
+#[test]
+fn the_answer_checks_hold_at_the_limits() {
+    use http1::answer::{read, Refusal};
+    let check = |bytes: &[u8]| {
+        let mut input = vec![b'@'];
+        input.extend_from_slice(bytes);
+        answer_checks::check_answer(&input);
+    };
+    // A bare-LF head under the limit, written as one over it (a CR and a blank a line).
+    let mut head = b"HTTP/1.1 200 OK\nContent-Length: 0\n".to_vec();
+    let value = "v".repeat((http1::MAX_HEAD - 64) / 126 - 3);
+    for _ in 0..126 {
+        head.extend_from_slice(format!("X:{value}\n").as_bytes());
+    }
+    head.push(b'\n');
+    let mut out = Vec::new();
+    assert!(matches!(read(&head, false, &mut out), Ok(Some(_))));
+    assert!(head.len() <= http1::MAX_HEAD && out.len() > http1::MAX_HEAD);
+    check(&head);
+    // Too long: incomplete at the limit, or complete past it.
+    let mut long = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+    long.resize(http1::MAX_HEAD, b'a');
+    assert_eq!(read(&long, false, &mut Vec::new()), Err(Refusal::TooLong));
+    check(&long);
+    long.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(read(&long, false, &mut Vec::new()), Err(Refusal::TooLong));
+    check(&long);
+    // One header too many.
+    let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+    for i in 0..=http1::MAX_HEADERS {
+        many.extend_from_slice(format!("X-{i}: {i}\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert_eq!(read(&many, false, &mut Vec::new()), Err(Refusal::TooLong));
+    check(&many);
+    // Trailers over the limit, and just under it.
+    let limit = http1::chunks::MAX_TRAILERS;
+    for len in [limit, limit - 16] {
+        let mut body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: ".to_vec();
+        body.extend(std::iter::repeat_n(b'a', len));
+        body.extend_from_slice(b"\r\n\r\n");
+        check(&body);
+    }
 }
