@@ -574,8 +574,11 @@ async fn ec2_as_it_behaves_with_faults_and_crashes_loses_nothing() {
     });
     let calls = s.moto.ec2.history(|h| h.calls.clone());
     eprintln!("calls to the realistic EC2 by action and outcome: {calls:?}");
+    // Throttling and faults are injected at a rate, so a run always meets them; a lagging
+    // instance answering "not found" depends on timing (it did not occur in a CI run with a
+    // busy second core) and has deterministic tests of its own above.
     assert!(
-        throttled > 0 && faults > 0 && not_found > 0,
+        throttled > 0 && faults > 0,
         "throttled {throttled}, faults {faults}, not found {not_found}"
     );
 }
