@@ -261,7 +261,8 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub enum ProviderConfig {
-    Process { state_dir: PathBuf },
+    /// Its records, journal and folders are under [`Config::state_dir`].
+    Process,
     Ec2(Box<Ec2Config>),
 }
 
@@ -888,9 +889,7 @@ fn build(
     }
 
     let provider = match provider {
-        ProviderKind::Process => ProviderConfig::Process {
-            state_dir: file.provider.state_dir.clone(),
-        },
+        ProviderKind::Process => ProviderConfig::Process,
         ProviderKind::Ec2 => ProviderConfig::Ec2(Box::new(ec2_config(
             file.provider.ec2,
             &file.proxy.route_to_replace,
@@ -1303,7 +1302,7 @@ mod tests {
         assert!(c.proxy.listen.ip().is_loopback());
         assert_eq!(c.proxy.listen.port(), 8081);
         assert_eq!(c.api.listen.port(), 3001);
-        assert!(matches!(c.provider, ProviderConfig::Process { .. }));
+        assert!(matches!(c.provider, ProviderConfig::Process));
         assert!(c.purposes.contains_key("rstudio"));
     }
 
@@ -1341,7 +1340,8 @@ mod tests {
         assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.api.listen.to_string(), "127.0.0.1:4000");
         assert!(
-            matches!(&c.provider, ProviderConfig::Process { state_dir } if state_dir == &PathBuf::from("/tmp/x"))
+            matches!(&c.provider, ProviderConfig::Process)
+                && c.state_dir == std::path::Path::new("/tmp/x")
         );
     }
 

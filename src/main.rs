@@ -88,7 +88,8 @@ fn main() {
     }
 
     let provider: Arc<dyn Provider> = match &config.provider {
-        ProviderConfig::Process { state_dir } => {
+        ProviderConfig::Process => {
+            let state_dir = &config.state_dir;
             let commands: HashMap<String, CommandTemplate> = config
                 .purposes
                 .iter()

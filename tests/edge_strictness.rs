@@ -390,7 +390,8 @@ async fn websocket_handshakes_reach_the_workspace_once_and_only_as_ours() {
         assert_eq!((a.status, &a.body[..]), (403, &b"refused"[..]), "{who}");
         assert!(c.silent(Duration::from_millis(300)).await, "{who}");
         drop(c);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Both are recorded before the workspace answers (a second send, or early bytes
+        // passed on, would have come before the answer reached the client).
         assert_eq!(
             side.seen("/answer/refuse-ws").len(),
             1,
@@ -426,6 +427,15 @@ async fn websocket_handshakes_reach_the_workspace_once_and_only_as_ours() {
             .filter(|r| r["conn"] == seen[0]["conn"] && r.get("tunnel").is_some())
             .collect();
         assert_eq!(tunnel.len(), 1, "{who}: {tunnel:?}");
+        let raw: Vec<Value> = side
+            .records()
+            .into_iter()
+            .filter(|r| r["conn"] == seen[0]["conn"] && r.get("raw").is_some())
+            .collect();
+        assert!(
+            raw.is_empty(),
+            "{who}: bytes reached the workspace before the 101: {raw:?}"
+        );
         assert_eq!(tunnel[0]["tunnel"], "early bytes", "{who}");
     }
 }
@@ -478,7 +488,17 @@ async fn late_bytes_on_a_kept_connection_never_answer_the_next_request() {
         let a = c.answer().await.expect("an answer");
         assert_eq!(a.body, b"late", "{who}");
         // The workspace writes an answer nobody asked for on the kept connection.
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        eventually(
+            "the late bytes are sent",
+            Duration::from_secs(10),
+            || async {
+                side.records()
+                    .iter()
+                    .any(|r| r.get("late").is_some())
+                    .then_some(())
+            },
+        )
+        .await;
         c.send(&side.get("/after", "")).await;
         let a = c.answer().await.expect("an answer");
         assert_ne!(
@@ -545,8 +565,7 @@ async fn request_framings_reach_the_workspace_as_sent_or_are_refused() {
             c.send(request.as_bytes()).await;
             let a = c.answer().await;
             let status = a.as_ref().map(|a| a.status);
-            // Give a request that went through time to be recorded.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The workspace records a request before it answers it.
             let seen = side.seen(&format!("/f/{name}"));
             for record in &seen {
                 assert!(record.get("error").is_none(), "{who} {name}: {record}");

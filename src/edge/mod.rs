@@ -166,14 +166,6 @@ impl Edge {
     /// Plans the request whose head is at the front of the connection's input; `None` while
     /// the head is incomplete.
     fn plan(&self, conn: &mut Connection) -> Option<Plan> {
-        if !self.proxy.config().own_forwarding {
-            // Only once the head is whole, so that its deadline holds on this path too.
-            return conn
-                .input
-                .windows(4)
-                .any(|w| w == b"\r\n\r\n" || w.ends_with(b"\n\n"))
-                .then_some(Plan::Pingora);
-        }
         let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let len = match req.parse_with_uninit_headers(&conn.input, &mut headers) {
@@ -182,6 +174,9 @@ impl Edge {
             // Malformed, or too many headers: Pingora answers it.
             Err(_) => return Some(Plan::Pingora),
         };
+        if !self.proxy.config().own_forwarding {
+            return Some(Plan::Pingora);
+        }
         let client_ip: Option<IpAddr> = conn.client_ip;
         if let Some(handshake) = tunnel::handshake(&req, len) {
             return Some(

@@ -125,9 +125,8 @@ pub(super) async fn tunnel(
     // Only the client's data frames are the user's: a browser answers pings on its own.
     let mut frames = FrameScanner::default();
     let early = &conn.input[len.min(conn.input.len())..];
-    let mut active = *counts;
     if !early.is_empty() {
-        active |= *counts && frames.feed(early);
+        frames.feed(early);
         if server.write_all(early).await.is_err() {
             return Done::Close;
         }
@@ -138,7 +137,7 @@ pub(super) async fn tunnel(
         return Done::Close;
     };
     log::debug!("WebSocket tunnel open to {}", upstream.id);
-    if active {
+    if *counts {
         upstream.touch(now_ms());
     }
     let result = relay(

@@ -277,7 +277,7 @@ fn canonical(buf: &[u8], head_len: usize, res: &httparse::Response<'_, '_>) -> b
 }
 
 /// A `Content-Length` item: digits only, as Pingora's `from_digits`.
-fn digits(value: &[u8]) -> Option<u64> {
+pub(super) fn digits(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -42,6 +42,9 @@ pub struct Connection {
     /// The connection to the upstream server this client reached last, kept for its next
     /// request: no pool, no lock.
     upstream: Option<(SocketAddr, TcpStream)>,
+    /// An interim (1xx) answer to the current request reached the client: the request is
+    /// known to have arrived, and is never sent again.
+    interim: bool,
 }
 
 /// How long a client may take over a request.
@@ -103,6 +106,7 @@ impl Connection {
             answer: Vec::new(),
             head: Vec::new(),
             upstream: None,
+            interim: false,
         }
     }
 
@@ -307,6 +311,7 @@ impl Connection {
         if self.answer.capacity() < ANSWER_BUFFER {
             self.answer.reserve(ANSWER_BUFFER);
         }
+        self.interim = false;
         let mut reused = match &self.upstream {
             Some((kept, server)) => *kept == job.addr && quiet(server),
             None => false,
@@ -334,7 +339,9 @@ impl Connection {
             };
             match read {
                 Ok(answer) => break answer,
-                Err(Failure::Io(_)) if reused && job.retry && self.answer.is_empty() => {
+                Err(Failure::Io(_))
+                    if reused && job.retry && self.answer.is_empty() && !self.interim =>
+                {
                     reused = false
                 }
                 Err(failure) => {
@@ -516,6 +523,7 @@ impl Connection {
                 if let Err(e) = sent.and(client.flush().await) {
                     return Err(Failure::Io(e));
                 }
+                self.interim = true;
                 self.answer.drain(..answer.head_len);
                 if self.answer.is_empty() {
                     break;

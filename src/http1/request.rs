@@ -61,17 +61,9 @@ pub fn plain_target(target: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'#' | b'<' | b'>' | b'`' | b'"'))
 }
 
-/// A request's `Content-Length` value: digits only.
+/// A request's `Content-Length` value: digits only, blanks around them allowed.
 pub fn length(value: &[u8]) -> Option<usize> {
-    let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        value
-            .iter()
-            .fold(0usize, |n, d| n * 10 + usize::from(d - b'0')),
-    )
+    super::answer::digits(value.trim_ascii()).and_then(|n| usize::try_from(n).ok())
 }
 
 /// Whether a request header is passed on under this name. A name with `_` is not, on either

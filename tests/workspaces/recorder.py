@@ -12,6 +12,7 @@ such ("error") and the connection is closed. Bytes that arrive where no request 
 What it answers is chosen by the path (the proxy strips /i-<id>):
   /answer/<name>   a canned answer from ANSWERS, written exactly as listed
   /late            200, then unsolicited bytes on the same connection 300 ms later
+                   (recorded as "late" once sent)
   /close-after-read  on a connection that served a request before: read it, then close
                      without answering; otherwise 200 "answered"
   /ws              a 101, then echoes what arrives, recording it as "tunnel"
@@ -141,6 +142,10 @@ def serve(sock, cid):
             entry["target"] = target
             entry["body"] = body.decode("latin-1")
             record(entry)
+            if reader.buf and not looks_like_request(reader.buf):
+                # Bytes behind the head that are no request (frames sent before a 101):
+                # recorded before answering, so a client holding the answer can look.
+                record({"conn": cid, "index": index, "raw": reader.buf.decode("latin-1")})
             path = target.split("?", 1)[0]
             if path.startswith("/answer/"):
                 name = path[len("/answer/"):]
@@ -155,6 +160,7 @@ def serve(sock, cid):
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
                 time.sleep(0.3)
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+                record({"conn": cid, "index": index, "late": True})
             elif path == "/close-after-read" and index > 0:
                 return
             elif path == "/ws":
