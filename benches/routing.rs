@@ -38,6 +38,7 @@ fn routing(c: &mut Criterion) {
                 owner: None,
                 ready: true,
                 stage: Stage::Ready,
+                since_ms: 0,
                 activity: Arc::new(AtomicU64::new(0)),
             }),
         );

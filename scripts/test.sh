@@ -28,6 +28,15 @@ if ! command -v shellcheck >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq shellcheck >/dev/null
 fi
+
+# The browser tests drive a headless chromium through its chromedriver (tests/common/browser.rs).
+if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing chromium and chromium-driver with apt-get" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 export RSTUDIO_POOL_VENV="$VENV"
 
 echo "== cargo fmt --check"

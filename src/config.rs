@@ -38,7 +38,7 @@ pub enum ConfigError {
         env: String,
         problem: String,
     },
-    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, auth, purposes) nor one of Pingora's server keys; fix the spelling or remove it")]
+    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, auth, purposes, log) nor one of Pingora's server keys; fix the spelling or remove it")]
     UnknownKey(String),
 }
 
@@ -61,6 +61,21 @@ struct FileConfig {
     proxy: ProxySection,
     auth: AuthSection,
     purposes: BTreeMap<String, PurposeSection>,
+    log: LogSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LogSection {
+    format: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +272,10 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// When launches of a purpose stop after failures, and for how long.
     pub breaker: BreakerSettings,
+    /// `log.format` (`LOG_FORMAT`): lines of text, or JSON objects for log shippers.
+    pub log_format: crate::audit::LogFormat,
+    /// Things worth a line in the log once it is set up.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -518,7 +537,7 @@ fn check_top_level_keys(text: &str) -> Result<(), ConfigError> {
         let name = key.as_str().unwrap_or_default();
         let ours = matches!(
             name,
-            "pool" | "provider" | "api" | "proxy" | "auth" | "purposes"
+            "pool" | "provider" | "api" | "proxy" | "auth" | "purposes" | "log"
         );
         if !ours && !pingora_keys.contains_key(key) {
             return Err(ConfigError::UnknownKey(name.to_owned()));
@@ -734,8 +753,23 @@ fn build(
         ),
         _ => None,
     };
+    if let Some(v) = env("LOG_FORMAT") {
+        file.log.format = v;
+    }
+    let log_format = match file.log.format.as_str() {
+        "text" => crate::audit::LogFormat::Text,
+        "json" => crate::audit::LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "log.format",
+                Some("LOG_FORMAT"),
+                format!("`{other}` is not a log format: use `text` or `json`"),
+            ))
+        }
+    };
+    let mut notes = Vec::new();
     if let Some(url) = &file.proxy.service_url {
-        log::info!("SERVICE_URL={url} is accepted for compatibility and not needed: the pool and the proxy are one process now");
+        notes.push(format!("SERVICE_URL={url} is accepted for compatibility and not needed: the pool and the proxy are one process now"));
     }
 
     let provider = match file.provider.kind.as_str() {
@@ -1012,6 +1046,8 @@ fn build(
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
         reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
+        log_format,
+        notes,
         breaker: BreakerSettings {
             failures_to_open: file.pool.launch_failures_to_pause,
             first_pause_ms: file.pool.launch_pause_seconds.saturating_mul(1000),

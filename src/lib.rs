@@ -2,10 +2,12 @@
 //! in front of them, in one Pingora server. ARCHITECTURE.md has the map.
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod core;
 pub mod demo;
 pub mod edge;
 pub mod http1;
 pub mod manager;
+pub mod metrics;
 pub mod provider;

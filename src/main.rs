@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::Server;
+use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
@@ -22,6 +22,7 @@ use rstudio_pool::manager::background::Reconciler;
 use rstudio_pool::manager::links::UserLinks;
 use rstudio_pool::manager::PoolManager;
 use rstudio_pool::provider::ec2::Ec2Provider;
+use rstudio_pool::provider::metered::Metered;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
 
@@ -52,12 +53,19 @@ struct Cli {
 enum Sub {
     /// Run the built-in demo workspace (the embedded default's workload).
     DemoWorkspace(DemoOptions),
+    /// Terminate every workspace of this pool (the one `-c` configures) and clear its
+    /// records; the pool must not be running. Users lose their workspaces.
+    Down {
+        /// Needed for the EC2 provider: it terminates real instances, paused ones too.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     if let Some(Sub::DemoWorkspace(options)) = cli.command {
+        rstudio_pool::audit::init(Default::default());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -71,6 +79,10 @@ fn main() {
     let env = |name: &str| std::env::var(name).ok();
     let (config, text) = Config::load(cli.conf.as_deref(), &env)
         .unwrap_or_else(|e| fail(&format!("configuration error: {e}")));
+    rstudio_pool::audit::init(config.log_format);
+    for note in &config.notes {
+        log::info!("{note}");
+    }
     let server_conf = ServerConf::from_yaml(&text).unwrap_or_else(|e| {
         fail(&format!(
             "configuration error in Pingora's server keys: {e}"
@@ -87,7 +99,19 @@ fn main() {
         return;
     }
 
-    let provider: Arc<dyn Provider> = match &config.provider {
+    let provider = provider(&config);
+    if let Some(Sub::Down { yes }) = cli.command {
+        down(&config, provider, yes, cli.conf.as_deref());
+        return;
+    }
+    let provider: Arc<dyn Provider> = Arc::new(Metered(provider));
+    rstudio_pool::metrics::metrics().init_purposes(config.purposes.keys().map(String::as_str));
+    serve(cli, config, server_conf, provider);
+}
+
+/// The configured provider.
+fn provider(config: &Config) -> Arc<dyn Provider> {
+    match &config.provider {
         ProviderConfig::Process => {
             let state_dir = &config.state_dir;
             let commands: HashMap<String, CommandTemplate> = config
@@ -109,7 +133,10 @@ fn main() {
             &config.pool_name,
             &config.purposes,
         )),
-    };
+    }
+}
+
+fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Provider>) {
     let signer = match &config.auth {
         AuthConfig::Token {
             secrets, generated, ..
@@ -195,7 +222,96 @@ fn main() {
         public = config.proxy.public_url,
         provider = manager.provider_kind(),
     );
-    server.run_forever();
+    server.run(RunArgs::default());
+    // Stopped (Ctrl-C, SIGTERM): say what keeps running and how to stop it.
+    let left: usize = manager
+        .census()
+        .values()
+        .map(|c| c.assigned + c.free_ready + c.free_launching + c.paused + c.resuming)
+        .sum();
+    if left > 0 {
+        let conf = cli
+            .conf
+            .as_deref()
+            .map(|c| format!(" -c {c}"))
+            .unwrap_or_default();
+        let what = match &config.provider {
+            ProviderConfig::Process => format!(
+                "{left} workspace(s) keep running in the background (state in {})",
+                config.state_dir.display()
+            ),
+            ProviderConfig::Ec2(_) => format!("{left} EC2 instance(s) of this pool keep running"),
+        };
+        eprintln!(
+            "rstudio-pool stopped. {what}: start rstudio-pool again to take them back, \
+             or stop them all with:\n  rstudio-pool{conf} down{yes}   (scripts/run.sh{conf} down{yes})",
+            yes = if matches!(config.provider, ProviderConfig::Ec2(_)) { " --yes" } else { "" },
+        );
+    }
+    std::process::exit(0);
+}
+
+/// `rstudio-pool down`: terminates every instance of the pool and clears its records.
+fn down(config: &Config, provider: Arc<dyn Provider>, yes: bool, conf: Option<&str>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("cannot start: {e}")));
+    runtime.block_on(async {
+        // A running pool would launch its warm instances again at once.
+        let health = format!("{}", config.api.listen);
+        if tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::net::TcpStream::connect(&health),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok())
+        {
+            fail(&format!(
+                "something answers on the command API's address {health}: stop the running rstudio-pool first (Ctrl-C), then run down again"
+            ));
+        }
+        let instances = provider
+            .list()
+            .await
+            .unwrap_or_else(|e| fail(&format!("cannot list the pool's instances: {e}")));
+        if instances.is_empty() {
+            println!("no workspaces of pool `{}` are left", config.pool_name);
+        }
+        if matches!(config.provider, ProviderConfig::Ec2(_)) && !yes && !instances.is_empty() {
+            let conf = conf.map(|c| format!(" -c {c}")).unwrap_or_default();
+            fail(&format!(
+                "this terminates {} EC2 instance(s) of pool `{}`, paused users' work included; run `rstudio-pool{conf} down --yes` to go ahead",
+                instances.len(),
+                config.pool_name
+            ));
+        }
+        let mut failed = 0;
+        for record in &instances {
+            match provider.terminate(&record.id).await {
+                Ok(()) => println!(
+                    "terminated {} ({}, {})",
+                    record.id,
+                    record.purpose().unwrap_or("no purpose"),
+                    record
+                        .tags
+                        .get(rstudio_pool::provider::TAG_USER)
+                        .map_or("free", String::as_str)
+                ),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("cannot terminate {}: {e}", record.id);
+                }
+            }
+        }
+        if let ProviderConfig::Process = config.provider {
+            // Nothing of the pool is left to remember: the next start begins empty.
+            let _ = std::fs::remove_file(config.state_dir.join("tags.log"));
+        }
+        if failed > 0 {
+            fail(&format!("{failed} instance(s) could not be terminated; run down again"));
+        }
+    });
 }
 
 fn fail(message: &str) -> ! {

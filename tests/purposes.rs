@@ -261,6 +261,14 @@ async fn the_progress_page_gives_way_to_the_workspace() {
         page.contains("Starting the workspace") && page.contains("http-equiv=\"refresh\""),
         "{page}"
     );
+    // Which workspace, and for how long; no usual time before any start finished.
+    assert!(
+        page.contains("<b class=\"purpose\">rstudio</b>")
+            && page.contains(&format!("<code class=\"instance\">{id}</code>"))
+            && page.contains("has been starting for <span class=\"elapsed\">"),
+        "{page}"
+    );
+    assert!(!page.contains("usually takes"), "{page}");
     wait_ready(&server, &id).await;
     let page = server
         .client()
@@ -276,6 +284,24 @@ async fn the_progress_page_gives_way_to_the_workspace() {
         .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
         .await;
     assert_eq!(body["ready"], json!(true), "{body}");
+    // The next start is measured against the first (its command sleeps 2 s).
+    let next = server.request("ben").await;
+    let page = server
+        .client()
+        .get(server.proxy_url(&format!("/{next}/")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usual: u64 = page
+        .split("It usually takes about ")
+        .nth(1)
+        .and_then(|rest| rest.split(" s.").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no usual time in {page}"));
+    assert!((2..30).contains(&usual), "{page}");
 }
 
 #[tokio::test]
@@ -303,6 +329,16 @@ async fn a_start_that_fails_is_shown_with_a_retry() {
     )
     .await;
     assert!(page.contains("stopped while it was starting"), "{page}");
+    // What to act on: how it ended, the end of its log, the id to quote.
+    assert!(page.contains("exited with status 3"), "{page}");
+    assert!(
+        page.contains("<pre class=\"log\">cannot start</pre>"),
+        "{page}"
+    );
+    assert!(
+        page.contains(&format!("<code class=\"instance\">{id}</code>")),
+        "{page}"
+    );
     assert!(
         page.contains(&format!("action=\"/{id}/.rstudio-pool/retry\"")),
         "{page}"

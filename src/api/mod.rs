@@ -1,5 +1,6 @@
 //! The command API as a Pingora listening service: `POST /` with the original service's JSON
-//! commands, plus `GET /healthz`. Decoding is the pure [`crate::core::command::decode`]; this
+//! commands, plus `GET /healthz`, `GET /metrics` (Prometheus) and the admin page under
+//! `/admin` ([`admin`]). Decoding is the pure [`crate::core::command::decode`]; this
 //! module reads the body within its limit, checks the bearer token and maps outcomes to
 //! statuses: 400 for a caller's mistake, 401 without credentials, 404 for an unknown instance,
 //! 413 for an oversized body, 429 when the pool is full, 503 when the provider fails.
@@ -10,6 +11,8 @@
 //! put back in front of the stream for Pingora's HTTP server, which answers it through the
 //! same [`CommandApi`]. Why: Pingora's HTTP path alone put a burst of 200 callers at 5 ms
 //! p99 (`GET /healthz`, benches/load.sh), which was the whole budget of an assignment.
+
+pub mod admin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +36,10 @@ use crate::core::pool::PoolError;
 use crate::http1::conn::{Connection, Limits};
 use crate::http1::request::{plain_request, PlainRequest};
 use crate::http1::MAX_HEADERS;
-use crate::manager::{ManagerError, PoolManager};
+use crate::manager::{End, ManagerError, PoolManager};
+use crate::metrics::metrics;
 use crate::provider::{TAG_PURPOSE, TAG_USER};
+use admin::{Admin, Reply, Signed};
 
 /// How long a caller may take to send the rest of a request it began: Pingora's default.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,20 +48,57 @@ pub struct CommandApi {
     manager: Arc<PoolManager>,
     token: Option<String>,
     max_body_bytes: usize,
+    admin: Admin,
+}
+
+/// What the route of a request reads of its head.
+pub struct Asked<'a> {
+    pub method: &'a [u8],
+    pub path: &'a str,
+    pub authorization: Option<&'a [u8]>,
+    /// The `Cookie` header, for the admin session.
+    pub cookies: Option<&'a str>,
+    /// The `X-CSRF-Token` header, for admin actions.
+    pub csrf: Option<&'a str>,
+}
+
+/// An admin request that needs its body.
+enum AdminPost {
+    Login,
+    Logout(Signed),
+    Act(Action),
+}
+
+/// What an operator can do to an instance from the admin page.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Terminate,
+    Pause,
+    Resume,
 }
 
 impl CommandApi {
     pub fn new(manager: Arc<PoolManager>, token: Option<String>, max_body_bytes: usize) -> Self {
         Self {
             manager,
+            admin: Admin::new(token.clone()),
             token,
             max_body_bytes,
         }
     }
 
-    /// Where a request goes, from its method, path and `Authorization` header alone: an
-    /// answer at once, or a command to run once its body is read.
-    fn route(&self, method: &[u8], path: &str, authorization: Option<&[u8]>) -> Route {
+    /// Where a request goes, from its head alone: an answer at once, or a command (or admin
+    /// form) to run once its body is read.
+    fn route(&self, asked: &Asked<'_>) -> Route {
+        let Asked {
+            method,
+            path,
+            authorization,
+            ..
+        } = *asked;
+        if path == "/admin" || path.starts_with("/admin/") {
+            return self.admin_route(asked);
+        }
         // The health check tells only whether the pool is up; load balancers ask it without
         // credentials.
         if let Some(expected) = self.token.as_ref().filter(|_| path != "/healthz") {
@@ -73,6 +115,15 @@ impl CommandApi {
                 StatusCode::OK,
                 json!({"status": "ok", "recovered": self.manager.is_recovered()}),
             )),
+            (b"GET", "/metrics") => {
+                self.manager.observe();
+                Route::Reply(Reply {
+                    status: StatusCode::OK,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: metrics().render(),
+                    headers: Vec::new(),
+                })
+            }
             (b"POST", "/") => Route::Command,
             (_, "/") => Route::Answer(error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -82,6 +133,103 @@ impl CommandApi {
                 StatusCode::NOT_FOUND,
                 "no such endpoint: send commands with POST /",
             )),
+        }
+    }
+
+    /// The admin page's routes: a session from the login form, CSRF tokens on actions.
+    fn admin_route(&self, asked: &Asked<'_>) -> Route {
+        let signed = self.admin.signed_in(asked.cookies);
+        let reply = match (asked.method, asked.path, signed) {
+            (b"GET", "/admin", signed) => self.admin.page(signed.as_ref()),
+            (b"POST", "/admin/login", _) => return Route::Admin(AdminPost::Login),
+            (b"POST", "/admin/logout", Some(signed)) => {
+                return Route::Admin(AdminPost::Logout(signed))
+            }
+            (b"GET" | b"POST", "/admin/state" | "/admin/logout", None) => self.admin.refused(false),
+            (b"GET", "/admin/state", Some(_)) => Reply::json(StatusCode::OK, &self.admin_state()),
+            (b"POST", action, signed) if action_of(action).is_some() => {
+                let Some(signed) = signed else {
+                    return Route::Reply(self.admin.refused(false));
+                };
+                if !self.admin.csrf_matches(&signed, asked.csrf) {
+                    Reply::json(
+                        StatusCode::FORBIDDEN,
+                        &json!({"error": "missing or wrong CSRF token: send the page's csrf-token in X-CSRF-Token"}),
+                    )
+                } else {
+                    return Route::Admin(AdminPost::Act(action_of(action).expect("checked")));
+                }
+            }
+            _ => Reply::json(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "no such admin endpoint: open /admin"}),
+            ),
+        };
+        Route::Reply(reply)
+    }
+
+    /// What `/admin/state` answers: pools, instances, the last events.
+    fn admin_state(&self) -> Value {
+        let paused = self.manager.paused_launches();
+        let limits = self.manager.limits();
+        let pools: Map<String, Value> = self
+            .manager
+            .census()
+            .into_iter()
+            .map(|(purpose, census)| {
+                let mut value = serde_json::to_value(census).unwrap_or_default();
+                if let Some((min_free, max)) = limits.get(&purpose) {
+                    value["minFree"] = json!(min_free);
+                    value["max"] = json!(max);
+                }
+                value["launchesPaused"] = json!(paused.get(&purpose));
+                (purpose, value)
+            })
+            .collect();
+        json!({
+            "pools": pools,
+            "instances": self.manager.instances(),
+            "events": crate::audit::recent(50),
+        })
+    }
+
+    /// Runs an admin form or action once its body is read.
+    async fn admin_post(&self, post: AdminPost, body: &[u8]) -> Reply {
+        match post {
+            AdminPost::Login => self.admin.login(body),
+            AdminPost::Logout(signed) => {
+                let presented = admin::form_value(body, "csrf");
+                if self.admin.csrf_matches(&signed, presented.as_deref()) {
+                    self.admin.logout(&signed)
+                } else {
+                    Reply::json(
+                        StatusCode::FORBIDDEN,
+                        &json!({"error": "missing or wrong CSRF token"}),
+                    )
+                }
+            }
+            AdminPost::Act(action) => {
+                let id = serde_json::from_slice::<Value>(body)
+                    .ok()
+                    .and_then(|v| v["instanceId"].as_str().map(str::to_owned));
+                let Some(id) = id.and_then(|id| crate::core::ids::InstanceId::parse(&id).ok())
+                else {
+                    return Reply::json(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"error": "send {\"instanceId\": \"i-...\"} as the JSON body"}),
+                    );
+                };
+                let result = match action {
+                    Action::Terminate => self.manager.terminate(&id, End::Admin).await,
+                    Action::Pause => self.manager.pause_now(&id).await,
+                    Action::Resume => self.manager.resume_now(&id).await,
+                };
+                let (status, value) = match result {
+                    Ok(()) => (StatusCode::OK, json!({"status": "OK"})),
+                    Err(e) => manager_error(e),
+                };
+                Reply::json(status, &value)
+            }
         }
     }
 
@@ -97,20 +245,33 @@ impl CommandApi {
     }
 
     /// Pingora's path: the request as Pingora read it.
-    async fn handle(&self, session: &mut ServerSession) -> (StatusCode, Value) {
+    async fn handle(&self, session: &mut ServerSession) -> Reply {
         let req = session.req_header();
-        let route = self.route(
-            req.method.as_str().as_bytes(),
-            req.uri.path(),
-            req.headers
+        let header =
+            |name: http::header::HeaderName| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let route = self.route(&Asked {
+            method: req.method.as_str().as_bytes(),
+            path: req.uri.path(),
+            authorization: req
+                .headers
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
-        );
+            cookies: header(http::header::COOKIE),
+            csrf: header(http::header::HeaderName::from_static("x-csrf-token")),
+        });
         match route {
-            Route::Answer(answer) => answer,
+            Route::Answer((status, value)) => Reply::json(status, &value),
+            Route::Reply(reply) => reply,
             Route::Command => match self.read_body(session).await {
-                Ok(body) => self.command(&body).await,
-                Err(answer) => answer,
+                Ok(body) => {
+                    let (status, value) = self.command(&body).await;
+                    Reply::json(status, &value)
+                }
+                Err((status, value)) => Reply::json(status, &value),
+            },
+            Route::Admin(post) => match self.read_body(session).await {
+                Ok(body) => self.admin_post(post, &body).await,
+                Err((status, value)) => Reply::json(status, &value),
             },
         }
     }
@@ -164,11 +325,18 @@ impl CommandApi {
                 let result = match self.manager.request(&user, purpose).await {
                     Ok(assignment) if !assignment.ready && wait.is_some_and(|w| w > 0) => {
                         let limit = std::time::Duration::from_secs(wait.unwrap_or(0));
-                        self.manager
-                            .wait_ready(&assignment.instance_id, limit)
-                            .await;
-                        // Asked again: the same instance, with its status now.
-                        self.manager.request(&user, purpose).await
+                        let id = &assignment.instance_id;
+                        let ready = self.manager.wait_ready(id, limit).await;
+                        match self.manager.failure(id).filter(|_| !ready) {
+                            // It died while starting: say why, rather than answer with the
+                            // instance launched in its place as if nothing happened.
+                            Some(failure) => Err(ManagerError::LaunchFailed(format!(
+                                "instance {id} failed to start: {}",
+                                failure.reason
+                            ))),
+                            // Asked again: the same instance, with its status now.
+                            None => self.manager.request(&user, purpose).await,
+                        }
                     }
                     other => other,
                 };
@@ -238,7 +406,19 @@ impl CommandApi {
 /// Where a request goes: see [`CommandApi::route`].
 enum Route {
     Answer((StatusCode, Value)),
+    Reply(Reply),
     Command,
+    Admin(AdminPost),
+}
+
+/// The admin action a path names.
+fn action_of(path: &str) -> Option<Action> {
+    match path {
+        "/admin/terminate" => Some(Action::Terminate),
+        "/admin/pause" => Some(Action::Pause),
+        "/admin/resume" => Some(Action::Resume),
+        _ => None,
+    }
 }
 
 fn error(status: StatusCode, message: &str) -> (StatusCode, Value) {
@@ -259,6 +439,7 @@ fn manager_error(e: ManagerError) -> (StatusCode, Value) {
         | ManagerError::ResumeFailed(_)
         | ManagerError::Recording(_)
         | ManagerError::Recovering => StatusCode::SERVICE_UNAVAILABLE,
+        ManagerError::NotPausable(_) => StatusCode::CONFLICT,
     };
     let message = match &e {
         ManagerError::Pool(PoolError::UnknownInstance(id)) => {
@@ -270,26 +451,28 @@ fn manager_error(e: ManagerError) -> (StatusCode, Value) {
 }
 
 /// The headers of every answer, on either path.
-fn answer_headers(status: StatusCode, length: usize, mut header: impl FnMut(&str, &[u8])) {
-    header("Content-Type", b"application/json");
-    header("Content-Length", length.to_string().as_bytes());
+fn answer_headers(reply: &Reply, mut header: impl FnMut(&str, &[u8])) {
+    header("Content-Type", reply.content_type.as_bytes());
+    header("Content-Length", reply.body.len().to_string().as_bytes());
     header("Cache-Control", b"no-store");
-    if status == StatusCode::UNAUTHORIZED {
+    if reply.status == StatusCode::UNAUTHORIZED && reply.content_type == "application/json" {
         header("WWW-Authenticate", b"Bearer");
+    }
+    for (name, value) in &reply.headers {
+        header(name, value.as_bytes());
     }
 }
 
 #[async_trait]
 impl ServeHttp for CommandApi {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let (status, body) = self.handle(session).await;
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut response = Response::builder().status(status);
-        answer_headers(status, bytes.len(), |name, value| {
+        let reply = self.handle(session).await;
+        let mut response = Response::builder().status(reply.status);
+        answer_headers(&reply, |name, value| {
             response = std::mem::take(&mut response).header(name, value);
         });
         response
-            .body(bytes)
+            .body(reply.body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
     }
 }
@@ -349,13 +532,19 @@ impl ApiServer {
                     if !conn.read_to(total, limit).await {
                         return;
                     }
-                    let (status, value) = match route {
-                        Route::Answer(answer) => answer,
-                        Route::Command => self.api.command(&conn.input[head_len..total]).await,
+                    let body = &conn.input[head_len..total];
+                    let reply = match route {
+                        Route::Answer((status, value)) => Reply::json(status, &value),
+                        Route::Reply(reply) => reply,
+                        Route::Command => {
+                            let (status, value) = self.api.command(body).await;
+                            Reply::json(status, &value)
+                        }
+                        Route::Admin(post) => self.api.admin_post(post, body).await,
                     };
                     conn.input.drain(..total);
                     let close = close || *shutdown.borrow();
-                    render(status, &value, close, &mut conn.out);
+                    render(&reply, close, &mut conn.out);
                     if !conn.send_out().await || close {
                         return;
                     }
@@ -393,27 +582,42 @@ impl ApiServer {
         if !matches!(method, "GET" | "POST") || body_len > self.api.max_body_bytes {
             return Some(Plan::Pingora);
         }
-        let mut authorizations = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("authorization"));
-        let authorization = authorizations.next().map(|h| h.value);
-        if authorizations.next().is_some() {
+        // One of each header read, or Pingora decides.
+        let one = |name: &str| -> Result<Option<&[u8]>, ()> {
+            let mut found = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(name));
+            let first = found.next().map(|h| h.value);
+            if found.next().is_some() {
+                return Err(());
+            }
+            Ok(first)
+        };
+        let (Ok(authorization), Ok(cookies), Ok(csrf)) =
+            (one("authorization"), one("cookie"), one("x-csrf-token"))
+        else {
             return Some(Plan::Pingora);
-        }
+        };
         let path = target.split_once('?').map_or(target, |(p, _)| p);
         Some(Plan::Here {
             head_len,
             body_len,
             close,
-            route: self.api.route(method.as_bytes(), path, authorization),
+            route: self.api.route(&Asked {
+                method: method.as_bytes(),
+                path,
+                authorization,
+                cookies: cookies.and_then(|v| std::str::from_utf8(v).ok()),
+                csrf: csrf.and_then(|v| std::str::from_utf8(v).ok()),
+            }),
         })
     }
 }
 
 /// An answer, head and body, as the caller gets it.
-fn render(status: StatusCode, value: &Value, close: bool, out: &mut Vec<u8>) {
-    let body = serde_json::to_vec(value).unwrap_or_default();
+fn render(reply: &Reply, close: bool, out: &mut Vec<u8>) {
+    let status = reply.status;
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -426,11 +630,11 @@ fn render(status: StatusCode, value: &Value, close: bool, out: &mut Vec<u8>) {
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     };
-    answer_headers(status, body.len(), &mut line);
+    answer_headers(reply, &mut line);
     line("Date", get_cached_date().as_bytes());
     line("Connection", if close { b"close" } else { b"keep-alive" });
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&reply.body);
 }
 
 #[async_trait]

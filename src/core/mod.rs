@@ -12,6 +12,7 @@ pub mod command;
 pub mod ids;
 pub mod pool;
 pub mod presence;
+pub mod redact;
 pub mod route;
 pub mod token;
 pub mod wsframe;

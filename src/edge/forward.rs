@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::http1::answer::Answer;
 use crate::http1::conn::{Connection, Exchange, Failure, Outcome};
 use crate::http1::request::{idempotent, plain_request, PlainRequest};
+use crate::metrics::{metrics, ProxyPath};
 use crate::provider::process::now_ms;
 
 use super::proxy::{page_html, text, Destination, EdgeProxy, Head, TIMED_OUT, UNREACHABLE};
@@ -80,6 +81,7 @@ pub(super) async fn forward(conn: &mut Connection, proxy: &EdgeProxy, job: Forwa
         })
         .await;
     conn.input.drain(..total);
+    count(ProxyPath::Edge, conn.status, &outcome);
     match outcome {
         Outcome::KeepAlive => Done::KeepAlive,
         Outcome::Close | Outcome::Upgraded(_) => Done::Close,
@@ -87,6 +89,22 @@ pub(super) async fn forward(conn: &mut Connection, proxy: &EdgeProxy, job: Forwa
             failed(conn, &upstream.id, status, failure).await;
             Done::Close
         }
+    }
+}
+
+/// Counts a request the edge took on: the status of the answer that reached the client
+/// (`answered`, 0 when none did), or of the page a failure gets.
+pub(super) fn count(path: ProxyPath, answered: u16, outcome: &Outcome) {
+    let m = metrics();
+    match outcome {
+        Outcome::Failed(status, failure) => {
+            if matches!(failure, Failure::Connect(_) | Failure::ConnectTimeout) {
+                m.upstream_connect_errors.inc();
+            }
+            m.proxied(path, *status);
+        }
+        _ if answered > 0 => m.proxied(path, answered),
+        _ => {}
     }
 }
 

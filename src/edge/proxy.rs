@@ -18,6 +18,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use super::spent::SpentLinks;
+use crate::audit::{self, Kind as Audit};
 use crate::config::{AuthConfig, DefaultUrl, ProxyConfig};
 use crate::core::access::{
     cookie, has_dot_segment, has_link_param, take_link_param, without_cookie, Network,
@@ -32,6 +33,7 @@ use crate::core::token::{Claims, Kind, Signer};
 use crate::core::wsframe::FrameScanner;
 use crate::http1::request::passable_name;
 use crate::manager::{Failure, PoolManager, Stage, Upstream};
+use crate::metrics::{metrics, LinkOutcome, OpenSocket, ProxyPath, Refusal};
 use crate::provider::process::now_ms;
 
 /// Cheap to clone: the caches and the manager are shared, so the WebSocket tunnel
@@ -172,6 +174,8 @@ pub struct RequestCtx {
     address: Option<SocketAddr>,
     /// For a WebSocket: the client's frames, so that only its data frames count.
     frames: Option<FrameScanner>,
+    /// Counts the WebSocket open once the workspace switched protocols, until it closes.
+    socket: Option<OpenSocket>,
 }
 
 fn escape_html(text: &str) -> String {
@@ -188,7 +192,8 @@ pub(super) fn page_html(title: &str, message: &str, refresh_seconds: Option<u32>
         .unwrap_or_default();
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\">{refresh}<title>{title}</title>\
-         <style>body{{font-family:sans-serif;max-width:40em;margin:4em auto;color:#333}}</style>\
+         <style>body{{font-family:sans-serif;max-width:46em;margin:4em auto;color:#333}}\
+         pre{{background:#f4f4f4;padding:.6em;overflow-x:auto;font-size:.85em}}</style>\
          </head><body><h1>{title}</h1><p>{message}</p></body></html>\n"
     )
 }
@@ -228,9 +233,27 @@ async fn page(
     Ok(true)
 }
 
-/// The page a user sees while their workspace starts: where it is, reloading itself until
-/// the workspace answers in its place.
-async fn progress(session: &mut Session, stage: Stage) -> Result<bool> {
+/// A duration as people say it: `40 s`, `3 min 20 s`.
+fn spoken(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s} s")
+    } else if s.is_multiple_of(60) {
+        format!("{} min", s / 60)
+    } else {
+        format!("{} min {} s", s / 60, s % 60)
+    }
+}
+
+/// The page a user sees while their workspace starts: which workspace, how far it has come
+/// and for how long, against the usual time; it reloads itself until the workspace answers
+/// in its place.
+async fn progress(
+    session: &mut Session,
+    upstream: &Upstream,
+    usual: Option<Duration>,
+) -> Result<bool> {
+    let stage = upstream.stage;
     let steps = [
         (Stage::Launching, "Launching a machine"),
         (Stage::Starting, "Starting the workspace"),
@@ -249,8 +272,16 @@ async fn progress(session: &mut Session, stage: Stage) -> Result<bool> {
             format!("<li>{mark} {label}</li>")
         })
         .collect();
+    let elapsed = Duration::from_millis(now_ms().saturating_sub(upstream.since_ms));
+    let usual = match usual {
+        Some(usual) => format!(" It usually takes about {}.", spoken(usual)),
+        None => String::new(),
+    };
     let message = format!(
-        "Your workspace is starting; this page reloads itself and opens it as soon as it answers.</p><ol class=\"progress\">{list}</ol><p>"
+        "Your <b class=\"purpose\">{purpose}</b> workspace <code class=\"instance\">{id}</code> has been starting for <span class=\"elapsed\">{elapsed}</span>.{usual} This page reloads itself and opens it as soon as it answers.</p><ol class=\"progress\">{list}</ol><p>",
+        purpose = escape_html(&upstream.purpose.name),
+        id = upstream.id,
+        elapsed = spoken(elapsed),
     );
     page(
         session,
@@ -375,7 +406,7 @@ impl EdgeProxy {
     ) -> Result<bool> {
         let owner = failure.owner.as_ref().map(|u| u.as_str());
         match self
-            .check_access(session, id, owner, prefixed, rest, query)
+            .check_access(session, id, owner, &failure.purpose, prefixed, rest, query)
             .await?
         {
             Verdict::Allow => {}
@@ -417,9 +448,20 @@ impl EdgeProxy {
                 }
             };
         }
+        // The first line says what happened; the rest (the end of its log) is shown as it is.
+        let (what, log) = failure
+            .reason
+            .split_once('\n')
+            .unwrap_or((failure.reason.as_str(), ""));
+        let log = if log.is_empty() {
+            String::new()
+        } else {
+            format!("</p><pre class=\"log\">{}</pre><p>", escape_html(log))
+        };
         let message = format!(
-            "Your workspace could not start: {}.</p><form method=\"post\" action=\"{retry_path}\"><button type=\"submit\">Start a new workspace</button></form><p>",
-            escape_html(&failure.reason)
+            "Your <b>{purpose}</b> workspace could not start: {what}{log}If you ask for help, quote its id: <code class=\"instance\">{id}</code>.</p><form method=\"post\" action=\"{retry_path}\"><button type=\"submit\">Start a new workspace</button></form><p>",
+            purpose = escape_html(&failure.purpose),
+            what = escape_html(what),
         );
         page(
             session,
@@ -483,11 +525,13 @@ impl EdgeProxy {
     /// Lets the owner in and nobody else, answering everyone else. In token mode a request
     /// carrying a link is answered with a session cookie and a redirect to the same address
     /// without the link.
+    #[allow(clippy::too_many_arguments)]
     async fn check_access(
         &self,
         session: &mut Session,
         id: &InstanceId,
         owner: Option<&str>,
+        purpose: &str,
         prefixed: bool,
         rest: &str,
         query: Option<&str>,
@@ -507,6 +551,7 @@ impl EdgeProxy {
                     client_ip.is_some_and(|ip| trusted_networks.iter().any(|n| n.contains(ip)));
                 let named = session.req_header().header(header).is_some();
                 if trusted && named {
+                    metrics().auth_refusal(Refusal::NotOwner);
                     page(
                         session,
                         403,
@@ -516,6 +561,7 @@ impl EdgeProxy {
                     )
                     .await?;
                 } else {
+                    metrics().auth_refusal(Refusal::Untrusted);
                     page(session, 401, "Sign in first", "Sign in through your organisation's login, then open your workspace from the application again.", None).await?;
                 }
                 Ok(Verdict::Answered)
@@ -538,21 +584,38 @@ impl EdgeProxy {
                     } else {
                         format!("{path}?{remaining}")
                     };
-                    let claims = signer
+                    let valid = signer
                         .verify(token, Kind::Link, id.as_str(), now)
                         .ok()
-                        .filter(|c| Some(c.user.as_str()) == owner)
-                        .filter(|c| spent.spend(c.nonce, c.expires_ms, now));
+                        .filter(|c| Some(c.user.as_str()) == owner);
+                    let unspent = valid.is_some();
+                    let claims = valid.filter(|c| spent.spend(c.nonce, c.expires_ms, now));
                     let Some(claims) = claims else {
+                        metrics().link_exchange(if unspent {
+                            LinkOutcome::Spent
+                        } else {
+                            LinkOutcome::Invalid
+                        });
                         // The owner opening a spent link again (a second click in the
                         // application) is signed in already: on to the address without it.
                         if self.allowed(session.req_header(), client_ip, id, owner, None) {
                             redirect(session, &location, None).await?;
                         } else {
+                            metrics().auth_refusal(Refusal::NoSession);
                             page(session, 401, "Link not valid", denied, None).await?;
                         }
                         return Ok(Verdict::Answered);
                     };
+                    metrics().link_exchange(LinkOutcome::Ok);
+                    if let Ok(user) = crate::core::ids::UserId::parse(&claims.user) {
+                        audit::record(
+                            Audit::LinkExchange,
+                            Some(&user),
+                            Some(id),
+                            Some(purpose),
+                            "a session was handed out",
+                        );
+                    }
                     let cookie_token = signer.sign(&Claims {
                         kind: Kind::Session,
                         expires_ms: now + session_ttl_ms,
@@ -571,6 +634,7 @@ impl EdgeProxy {
                     redirect(session, &location, Some(&set_cookie)).await?;
                     return Ok(Verdict::Answered);
                 }
+                metrics().auth_refusal(Refusal::NoSession);
                 page(
                     session,
                     401,
@@ -905,6 +969,7 @@ impl EdgeProxy {
                 session,
                 &upstream.id,
                 owner,
+                &upstream.purpose.name,
                 prefixed,
                 rest,
                 query.as_deref(),
@@ -918,7 +983,8 @@ impl EdgeProxy {
             return self.paused(session, &upstream, prefixed, rest).await;
         }
         if !upstream.ready {
-            return progress(session, upstream.stage).await;
+            let usual = self.manager.usual_ready(&upstream.purpose.name);
+            return progress(session, &upstream, usual).await;
         }
         let destination = destination(
             upstream,
@@ -1235,7 +1301,25 @@ impl ProxyHttp for EdgeProxy {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS && ctx.frames.is_some() {
+            ctx.socket = Some(OpenSocket::open());
+        }
         self.rewrite_response(response, ctx.destination.as_ref(), ctx.address)
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Requests this path answered: proxied to a workspace (or the default URL) by
+        // Pingora, or one of our pages. A request that got no answer is not counted.
+        let Some(status) = session.response_written().map(|r| r.status.as_u16()) else {
+            return;
+        };
+        let path = if ctx.address.is_some() {
+            ProxyPath::Pingora
+        } else {
+            ProxyPath::Page
+        };
+        metrics().proxied(path, status);
+        ctx.socket = None;
     }
 
     async fn fail_to_proxy(
@@ -1244,6 +1328,16 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         _ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if matches!(
+            e.etype(),
+            ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectNoRoute
+                | ErrorType::ConnectError
+                | ErrorType::ConnectProxyFailure
+        ) {
+            metrics().upstream_connect_errors.inc();
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,

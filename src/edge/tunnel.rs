@@ -29,6 +29,7 @@ use super::proxy::{Destination, EdgeProxy};
 use crate::core::wsframe::FrameScanner;
 use crate::http1::conn::{Connection, Exchange, Outcome};
 use crate::http1::MAX_HEADERS;
+use crate::metrics::{OpenSocket, ProxyPath};
 use crate::provider::process::now_ms;
 
 /// What the relay reads at once, on the stack: an idle socket holds no buffer.
@@ -114,6 +115,7 @@ pub(super) async fn tunnel(
             rewrite_head(proxy, &destination, *prefixed, addr, answer, head)
         })
         .await;
+    super::forward::count(ProxyPath::Tunnel, conn.status, &outcome);
     let mut server = match outcome {
         Outcome::Upgraded(server) => server,
         Outcome::KeepAlive | Outcome::Close => return Done::Close,
@@ -137,6 +139,7 @@ pub(super) async fn tunnel(
         return Done::Close;
     };
     log::debug!("WebSocket tunnel open to {}", upstream.id);
+    let _open = OpenSocket::open();
     if *counts {
         upstream.touch(now_ms());
     }

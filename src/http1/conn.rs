@@ -45,6 +45,8 @@ pub struct Connection {
     /// An interim (1xx) answer to the current request reached the client: the request is
     /// known to have arrived, and is never sent again.
     interim: bool,
+    /// The status of the last final answer [`Self::exchange`] read (0: none yet).
+    pub status: u16,
 }
 
 /// How long a client may take over a request.
@@ -107,6 +109,7 @@ impl Connection {
             head: Vec::new(),
             upstream: None,
             interim: false,
+            status: 0,
         }
     }
 
@@ -312,6 +315,7 @@ impl Connection {
             self.answer.reserve(ANSWER_BUFFER);
         }
         self.interim = false;
+        self.status = 0;
         let mut reused = match &self.upstream {
             Some((kept, server)) => *kept == job.addr && quiet(server),
             None => false,
@@ -351,6 +355,7 @@ impl Connection {
             }
         };
         let head_len = answer.head_len;
+        self.status = answer.status;
         let arrived = (self.answer.len() - head_len) as u64;
         if job.upgrade && answer.status == 101 {
             if !self.client_head(&answer, rewrite) {

@@ -32,11 +32,13 @@ pub mod background;
 pub mod links;
 pub mod probe;
 
+use crate::audit::{self, Kind as Audit};
 use crate::config::{OnIdle, Purpose};
 use crate::core::breaker::{AfterFailure, Breaker, BreakerSettings, Permit, Refusal};
 use crate::core::ids::{InstanceId, UserId};
 use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
 use crate::core::presence::{unknown_is_settled, Grace, Presence, Sighting};
+use crate::metrics::metrics;
 use crate::provider::process::now_ms;
 use crate::provider::{
     Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState,
@@ -61,6 +63,12 @@ const MIN_ROUND_GAP: Duration = Duration::from_millis(100);
 const TOMBSTONE_MS: u64 = 10 * 60 * 1000;
 /// How long a command waits for the pool to be rebuilt from the provider after a start.
 const RECOVERY_WAIT: Duration = Duration::from_secs(20);
+/// Starts remembered per purpose for its usual time to ready.
+const READY_TIMES_KEPT: usize = 20;
+/// A user action this recent makes an assigned instance `assigned_active` in the
+/// instance-seconds; longer ago, `assigned_idle`.
+const ACTIVE_WINDOW_MS: u64 = 5 * 60 * 1000;
+
 /// Rounds of one request through the pool (a wait ends, the pool is asked again) at most.
 const REQUEST_ROUNDS: usize = 8;
 
@@ -84,6 +92,65 @@ pub enum ManagerError {
         "the pool is still being rebuilt from the provider after a start; retry in a few seconds"
     )]
     Recovering,
+    #[error("{0}")]
+    NotPausable(String),
+}
+
+/// One instance as the admin page lists it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSummary {
+    pub id: InstanceId,
+    pub purpose: String,
+    pub owner: Option<String>,
+    pub state: &'static str,
+    pub age_ms: u64,
+    /// Since its owner's last action, for an assigned ready instance.
+    pub idle_for_ms: Option<u64>,
+    pub address: Option<String>,
+    /// Whether the admin page offers to pause it.
+    pub pausable: bool,
+}
+
+/// Why an instance is terminated, as the metrics and the audit log name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Its user was idle past the purpose's timeout.
+    Idle,
+    /// `DELETE` from the application.
+    Deleted,
+    /// An operator, from the admin page.
+    Admin,
+    /// It never became ready, or died while starting.
+    FailedStart,
+    /// Paused past its lifetime, or the oldest over the cap of paused instances.
+    PausedExpired,
+    /// Not the pool's to keep: stopped outside the pool, no purpose, surplus.
+    Orphan,
+    /// Its owner could not be recorded; nobody was told of it.
+    Unrecordable,
+}
+
+impl End {
+    pub fn label(self) -> &'static str {
+        match self {
+            End::Idle => "idle",
+            End::Deleted => "deleted",
+            End::Admin => "admin",
+            End::FailedStart => "failed_start",
+            End::PausedExpired => "paused_expired",
+            End::Orphan => "orphan",
+            End::Unrecordable => "unrecordable",
+        }
+    }
+
+    fn audit(self) -> Audit {
+        match self {
+            End::Idle => Audit::Cull,
+            End::Deleted | End::Admin => Audit::Delete,
+            _ => Audit::Terminate,
+        }
+    }
 }
 
 /// How a launch ended: the new instance, or the reason it failed in words for the caller.
@@ -133,6 +200,8 @@ pub struct Upstream {
     pub ready: bool,
     /// How far the start has come, for the progress page.
     pub stage: Stage,
+    /// Since when it has been starting (its launch or its resume), ms since the epoch.
+    pub since_ms: u64,
     /// The user's last activity in ms since the epoch; the proxy moves it, the idle reaper
     /// reads it. Shared, lock-free.
     pub activity: Arc<AtomicU64>,
@@ -318,6 +387,10 @@ struct State {
     own_launches_from: u64,
     /// When the last listing taken in was taken.
     synced_at: u64,
+    /// The last starts' times to ready (ms) per purpose, for the progress page.
+    ready_times: HashMap<String, std::collections::VecDeque<u64>>,
+    /// When instance-seconds were last accrued ([`PoolManager::accrue`]).
+    accrued_at: u64,
 }
 
 impl State {
@@ -414,6 +487,8 @@ impl PoolManager {
                 // Nothing may be launched before the first listing is in.
                 own_launches_from: u64::MAX,
                 synced_at: 0,
+                ready_times: HashMap::new(),
+                accrued_at: 0,
             }),
             changed: Notify::new(),
             recovered: watch::channel(false).0,
@@ -476,12 +551,46 @@ impl PoolManager {
         purpose: &str,
     ) -> Result<Assignment, ManagerError> {
         self.purpose(purpose)?;
+        let started = std::time::Instant::now();
+        let mut served = None;
+        let result = self.request_rounds(user, purpose, &mut served).await;
+        let outcome = match &result {
+            Ok(_) => served.unwrap_or("existing"),
+            Err(ManagerError::Pool(PoolError::Full { .. } | PoolError::FullForResume { .. })) => {
+                "pool_full"
+            }
+            Err(_) => "failed",
+        };
+        let m = metrics();
+        m.assignments.with_label_values(&[purpose, outcome]).inc();
+        m.assignment_seconds
+            .with_label_values(&[purpose])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// [`Self::request`]'s rounds; `served` says how the first round served it.
+    async fn request_rounds(
+        self: &Arc<Self>,
+        user: &UserId,
+        purpose: &str,
+        served: &mut Option<&'static str>,
+    ) -> Result<Assignment, ManagerError> {
         self.wait_recovered().await?;
         let started = tokio::time::Instant::now();
         let mut rounds = 0;
         while rounds < REQUEST_ROUNDS {
             rounds += 1;
             let (wait, start) = self.grant(user, purpose)?;
+            if served.is_none() {
+                *served = match (&start, &wait) {
+                    (Some(Start::Record(_)), _) => Some("warm"),
+                    (Some(Start::Launch(_)), _) | (None, Wait::Launch(_)) => Some("launched"),
+                    (Some(Start::Resume(_)), _) | (None, Wait::Resume(_)) => Some("resumed"),
+                    (None, Wait::Done(_) | Wait::Record(..)) => Some("existing"),
+                    (None, Wait::Again | Wait::Settling) => None,
+                };
+            }
             match start {
                 Some(Start::Record(id)) => {
                     info!("assigning {id} ({purpose}) to {user}");
@@ -633,7 +742,7 @@ impl PoolManager {
                 }
                 Err(e) => {
                     error!("cannot record {user} as the owner of {id}: {e}; terminating it (nobody was told of it)");
-                    let _ = self.terminate(&id).await;
+                    let _ = self.terminate(&id, End::Unrecordable).await;
                     break Err(format!("could not record the owner of {id}: {e}"));
                 }
             }
@@ -650,7 +759,14 @@ impl PoolManager {
                         let _ = pool.recorded(&id);
                     }
                 }
-                info!("assigned {id} to {user}");
+                let purpose = st.known.get(&id).map(|k| k.purpose.clone());
+                audit::record(
+                    Audit::Assign,
+                    Some(&user),
+                    Some(&id),
+                    purpose.as_deref(),
+                    "assigned",
+                );
             }
             st.recordings.remove(&id)
         };
@@ -672,6 +788,17 @@ impl PoolManager {
         let outcome = match self.provider.start(&id).await {
             Ok(record) => {
                 let mut st = self.lock();
+                if let Some(known) = st.known.get(&id) {
+                    let owner = st.owner(&known.purpose, &id);
+                    metrics().resumes.with_label_values(&[&known.purpose]).inc();
+                    audit::record(
+                        Audit::Resume,
+                        owner.as_ref(),
+                        Some(&id),
+                        Some(&known.purpose),
+                        "its owner came back",
+                    );
+                }
                 if let Some(known) = st.known.get_mut(&id) {
                     if let Some(record) = record {
                         known.record.address = record.address;
@@ -745,6 +872,37 @@ impl PoolManager {
         Ok(())
     }
 
+    /// Pauses `id` for `reason` (`idle`, `admin`), counted and audited when it was running.
+    async fn pause_for(
+        &self,
+        id: &InstanceId,
+        hibernate: bool,
+        reason: &'static str,
+        idle_ms: u64,
+    ) -> Result<(), ManagerError> {
+        let before = self.instance(id);
+        self.pause(id, hibernate).await?;
+        if let Some(view) = before.filter(|v| v.phase == Phase::Ready) {
+            metrics()
+                .pauses
+                .with_label_values(&[&view.purpose, reason])
+                .inc();
+            let cause = if reason == "idle" {
+                format!("idle for {} s", idle_ms / 1000)
+            } else {
+                reason.to_owned()
+            };
+            audit::record(
+                Audit::Pause,
+                view.owner.as_ref(),
+                Some(id),
+                Some(&view.purpose),
+                cause,
+            );
+        }
+        Ok(())
+    }
+
     /// Whether the provider not knowing `id` means it is gone: its listings never lag, or the
     /// instance is older than the grace for missing instances.
     fn surely_gone(&self, id: &InstanceId) -> bool {
@@ -814,6 +972,185 @@ impl PoolManager {
             .collect()
     }
 
+    /// The state of an instance as operators read it: `launching`, `free`, `assigned`,
+    /// `resuming`, `paused` or `terminating`.
+    fn state_label(instance: &crate::core::pool::Instance) -> &'static str {
+        match instance.phase {
+            Phase::Launching => "launching",
+            Phase::Ready if instance.owner.is_some() => "assigned",
+            Phase::Ready => "free",
+            Phase::Resuming => "resuming",
+            Phase::Paused => "paused",
+            Phase::Terminating => "terminating",
+        }
+    }
+
+    /// Sets the gauges that describe the pools (instances by state, users, limits, paused
+    /// launches) from what the pools hold now, and accrues instance-seconds. Called when
+    /// the metrics are scraped.
+    pub fn observe(&self) {
+        self.accrue();
+        let m = metrics();
+        let now = now_ms();
+        let st = self.lock();
+        for (purpose, pool) in &st.pools {
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            let mut users = 0;
+            for (_, instance) in pool.instances() {
+                *counts.entry(Self::state_label(instance)).or_default() += 1;
+                if instance.owner.is_some() && instance.phase != Phase::Terminating {
+                    users += 1;
+                }
+            }
+            for state in crate::metrics::INSTANCE_STATES {
+                m.instances
+                    .with_label_values(&[purpose, state])
+                    .set(counts.get(state).copied().unwrap_or(0));
+            }
+            m.users.with_label_values(&[purpose]).set(users);
+            let limits = self.purposes[purpose].limits;
+            m.min_free
+                .with_label_values(&[purpose])
+                .set(limits.min_free as i64);
+            m.max.with_label_values(&[purpose]).set(limits.max as i64);
+            let paused = st
+                .breakers
+                .get(purpose)
+                .is_some_and(|b| matches!(b.refusal(now), Some(Refusal::Paused { .. })));
+            m.launches_paused
+                .with_label_values(&[purpose])
+                .set(i64::from(paused));
+        }
+        m.recovered.set(i64::from(self.is_recovered()));
+    }
+
+    /// Adds the time since the last accrual to `rstudio_pool_instance_seconds_total`, per
+    /// purpose and state (an assigned instance is `assigned_active` when its user acted in
+    /// the last five minutes). Called every reconcile round and at every scrape, so the
+    /// counters are at most a round behind.
+    pub fn accrue(&self) {
+        let now = now_ms();
+        let mut add: Vec<(String, &'static str, f64)> = Vec::new();
+        {
+            let mut st = self.lock();
+            let since = std::mem::replace(&mut st.accrued_at, now);
+            if since == 0 || now <= since {
+                return;
+            }
+            let seconds = (now - since) as f64 / 1000.0;
+            for (purpose, pool) in &st.pools {
+                let mut counts: HashMap<&'static str, u32> = HashMap::new();
+                for (id, instance) in pool.instances() {
+                    let state = match instance.phase {
+                        Phase::Launching | Phase::Resuming => "launching",
+                        Phase::Paused => "paused",
+                        Phase::Terminating => continue,
+                        Phase::Ready if instance.owner.is_none() => "free",
+                        Phase::Ready => {
+                            let last = st
+                                .known
+                                .get(id)
+                                .map_or(0, |k| k.activity.load(Ordering::Relaxed));
+                            if now.saturating_sub(last) <= ACTIVE_WINDOW_MS {
+                                "assigned_active"
+                            } else {
+                                "assigned_idle"
+                            }
+                        }
+                    };
+                    *counts.entry(state).or_default() += 1;
+                }
+                for (state, n) in counts {
+                    add.push((purpose.clone(), state, f64::from(n) * seconds));
+                }
+            }
+        }
+        let m = metrics();
+        for (purpose, state, seconds) in add {
+            m.instance_seconds
+                .with_label_values(&[&purpose, state])
+                .inc_by(seconds);
+        }
+    }
+
+    /// Every instance the pools hold, for the admin page: sorted by purpose, then id.
+    pub fn instances(&self) -> Vec<InstanceSummary> {
+        let now = now_ms();
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (purpose, pool) in &st.pools {
+            for (id, instance) in pool.instances() {
+                let known = st.known.get(id);
+                let activity = known.map_or(0, |k| k.activity.load(Ordering::Relaxed));
+                let since_assigned = known.and_then(|k| k.assigned_at);
+                let idle_for_ms = match (&instance.owner, instance.phase) {
+                    (Some(_), Phase::Ready) => {
+                        Some(now.saturating_sub(activity.max(since_assigned.unwrap_or(0))))
+                    }
+                    _ => None,
+                };
+                out.push(InstanceSummary {
+                    id: id.clone(),
+                    purpose: purpose.clone(),
+                    owner: instance.owner.as_ref().map(|u| u.as_str().to_owned()),
+                    state: Self::state_label(instance),
+                    age_ms: known.map_or(0, |k| now.saturating_sub(k.record.launched_at_ms)),
+                    idle_for_ms,
+                    address: known.and_then(|k| k.record.address.clone()),
+                    pausable: instance.owner.is_some()
+                        && instance.phase == Phase::Ready
+                        && self.purposes[purpose].on_idle != OnIdle::Terminate,
+                });
+            }
+        }
+        out
+    }
+
+    /// Each purpose's minimum free and maximum.
+    pub fn limits(&self) -> BTreeMap<String, (usize, usize)> {
+        self.purposes
+            .iter()
+            .map(|(name, p)| (name.clone(), (p.limits.min_free, p.limits.max)))
+            .collect()
+    }
+
+    /// The usual time to ready of `purpose` (the median of its last starts), once known.
+    pub fn usual_ready(&self, purpose: &str) -> Option<Duration> {
+        let st = self.lock();
+        let times = st.ready_times.get(purpose).filter(|t| !t.is_empty())?;
+        let mut sorted: Vec<u64> = times.iter().copied().collect();
+        sorted.sort_unstable();
+        Some(Duration::from_millis(sorted[sorted.len() / 2]))
+    }
+
+    /// Pauses `id` at an operator's request (the admin page); its owner's work is kept.
+    pub async fn pause_now(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        let view = self
+            .instance(id)
+            .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+        let on_idle = self.purposes[&view.purpose].on_idle;
+        if on_idle == OnIdle::Terminate || view.owner.is_none() || view.phase != Phase::Ready {
+            return Err(ManagerError::NotPausable(format!(
+                "{id} cannot be paused: only a ready instance with an owner, of a purpose whose on_idle is stop or hibernate, can be"
+            )));
+        }
+        self.pause_for(id, on_idle == OnIdle::Hibernate, "admin", 0)
+            .await
+    }
+
+    /// Resumes `id` for its owner at an operator's request (the admin page).
+    pub async fn resume_now(self: &Arc<Self>, id: &InstanceId) -> Result<(), ManagerError> {
+        let view = self
+            .instance(id)
+            .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+        match (view.phase, view.owner) {
+            (Phase::Paused, Some(owner)) => self.request(&owner, &view.purpose).await.map(|_| ()),
+            _ => Err(ManagerError::NotPausable(format!(
+                "{id} is not paused: only a paused instance can be resumed"
+            ))),
+        }
+    }
+
     /// Purposes whose launches are paused after failures, with why, in words.
     pub fn paused_launches(&self) -> BTreeMap<String, String> {
         let now = now_ms();
@@ -878,6 +1215,7 @@ impl PoolManager {
                     (_, ProviderState::Running) => Stage::Starting,
                     _ => Stage::Launching,
                 },
+                since_ms: known.starting_since,
                 activity: Arc::clone(&known.activity),
             })
         };
@@ -890,9 +1228,14 @@ impl PoolManager {
         self.failures.get(id)
     }
 
-    /// Remembers why the start of `id` failed, for its user's page, and counts the failure
-    /// against its purpose's launches.
-    fn start_failed(&self, id: &InstanceId, reason: String) {
+    /// Remembers why the start of `id` failed (with what the provider can tell of it: how
+    /// its process ended, the end of its log), for its user's page, the log and the audit,
+    /// and counts the failure against its purpose's launches. `cause` is the metrics' label.
+    async fn start_failed(&self, id: &InstanceId, reason: String, cause: &'static str) {
+        let reason = match self.provider.diagnose(id).await {
+            Some(detail) => format!("{reason}: {detail}"),
+            None => reason,
+        };
         let (owner, purpose) = {
             let mut st = self.lock();
             let Some(purpose) = st.known.get(id).map(|k| k.purpose.clone()) else {
@@ -904,6 +1247,18 @@ impl PoolManager {
             }
             (owner, purpose)
         };
+        warn!("{id} ({purpose}) failed to start: {reason}");
+        metrics()
+            .launch_failures
+            .with_label_values(&[&purpose, cause])
+            .inc();
+        audit::record(
+            Audit::LaunchFailure,
+            owner.as_ref(),
+            Some(id),
+            Some(&purpose),
+            reason.lines().next().unwrap_or_default(),
+        );
         self.failures.insert(
             id.clone(),
             Arc::new(Failure {
@@ -939,13 +1294,13 @@ impl PoolManager {
     /// `DELETE`: terminates the instance; the pool tops up afterwards.
     pub async fn delete(&self, id: &InstanceId) -> Result<(), ManagerError> {
         self.wait_recovered().await?;
-        self.terminate(id).await
+        self.terminate(id, End::Deleted).await
     }
 
     /// Releases `id` in its pool and terminates it at the provider. On a provider failure the
     /// instance stays `Terminating` (never handed out) and the reconcile loop tries again, as
     /// it does when the provider does not know an instance that may be too new for it.
-    pub async fn terminate(&self, id: &InstanceId) -> Result<(), ManagerError> {
+    pub async fn terminate(&self, id: &InstanceId, why: End) -> Result<(), ManagerError> {
         {
             let mut st = self.lock();
             let purpose = st
@@ -953,8 +1308,28 @@ impl PoolManager {
                 .get(id)
                 .map(|k| k.purpose.clone())
                 .ok_or_else(|| PoolError::UnknownInstance(id.clone()))?;
+            let owner = st.owner(&purpose, id);
+            let was = st
+                .pools
+                .get(&purpose)
+                .and_then(|p| p.instance(id))
+                .map(|i| i.phase);
             if let Some(pool) = st.pools.get_mut(&purpose) {
                 pool.release(id)?;
+            }
+            // Counted once: a second termination of one on its way out is a retry.
+            if was != Some(Phase::Terminating) {
+                metrics()
+                    .terminations
+                    .with_label_values(&[&purpose, why.label()])
+                    .inc();
+                audit::record(
+                    why.audit(),
+                    owner.as_ref(),
+                    Some(id),
+                    Some(&purpose),
+                    why.label(),
+                );
             }
         }
         // From here on the proxy answers 404 for it: never the old upstream.
@@ -1074,6 +1449,17 @@ impl PoolManager {
                     );
                 } else {
                     pool.launch_failed(ticket);
+                    metrics()
+                        .launch_failures
+                        .with_label_values(&[&purpose, "refused"])
+                        .inc();
+                    audit::record(
+                        Audit::LaunchFailure,
+                        owner.as_ref(),
+                        None,
+                        Some(&purpose),
+                        e.to_string(),
+                    );
                 }
                 let breaker = st
                     .breakers
@@ -1242,6 +1628,7 @@ impl PoolManager {
         self.probe_launching().await;
         self.reap_idle().await;
         self.top_up();
+        self.accrue();
     }
 
     /// Terminates assigned instances whose user has been idle longer than the purpose's
@@ -1285,14 +1672,15 @@ impl PoolManager {
                         "{id} has been idle for {} s; terminating it",
                         idle_ms / 1000
                     );
-                    self.terminate(&id).await
+                    self.terminate(&id, End::Idle).await
                 }
                 OnIdle::Stop | OnIdle::Hibernate => {
                     info!(
                         "{id} has been idle for {} s; pausing it (its owner's work is kept)",
                         idle_ms / 1000
                     );
-                    self.pause(&id, on_idle == OnIdle::Hibernate).await
+                    self.pause_for(&id, on_idle == OnIdle::Hibernate, "idle", idle_ms)
+                        .await
                 }
             };
             if let Err(e) = result {
@@ -1361,7 +1749,7 @@ impl PoolManager {
                 "terminating paused {id} of {}: {why}",
                 owner.as_ref().map_or("nobody", |u| u.as_str())
             );
-            if let Err(e) = self.terminate(&id).await {
+            if let Err(e) = self.terminate(&id, End::PausedExpired).await {
                 error!("cannot terminate paused {id}: {e}");
             }
         }
@@ -1437,7 +1825,7 @@ impl PoolManager {
                 continue;
             }
             warn!("instance {id} was stopped outside the pool; terminating it");
-            if let Err(e) = self.terminate(&id).await {
+            if let Err(e) = self.terminate(&id, End::Orphan).await {
                 error!("cannot terminate {id}: {e}");
             }
         }
@@ -1534,7 +1922,12 @@ impl PoolManager {
                 .instance(&id)
                 .is_some_and(|v| v.phase == Phase::Launching);
             if starting {
-                self.start_failed(&id, "the workspace stopped while it was starting".into());
+                self.start_failed(
+                    &id,
+                    "the workspace stopped while it was starting".into(),
+                    "exited",
+                )
+                .await;
             }
             self.forget(&id);
             self.changed.notify_one();
@@ -1596,6 +1989,16 @@ impl PoolManager {
                 // The user could not act before now: their idle clock starts here.
                 if let Some(known) = st.known.get(&id).filter(|k| k.fresh) {
                     known.activity.fetch_max(now, Ordering::Relaxed);
+                    let took = now.saturating_sub(launched_at);
+                    metrics()
+                        .launch_to_ready_seconds
+                        .with_label_values(&[&purpose])
+                        .observe(took as f64 / 1000.0);
+                    let times = st.ready_times.entry(purpose.clone()).or_default();
+                    if times.len() == READY_TIMES_KEPT {
+                        times.pop_front();
+                    }
+                    times.push_back(took);
                 }
                 if let Some(breaker) = st.breakers.get_mut(&purpose) {
                     if breaker.is_open() {
@@ -1632,8 +2035,10 @@ impl PoolManager {
                         "the workspace did not answer within {} s of its launch",
                         self.ready_timeout.as_secs()
                     ),
-                );
-                if let Err(e) = self.terminate(&id).await {
+                    "timeout",
+                )
+                .await;
+                if let Err(e) = self.terminate(&id, End::FailedStart).await {
                     error!("cannot terminate {id}: {e}");
                 }
             }

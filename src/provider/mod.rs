@@ -6,6 +6,7 @@
 //! [`Provider::list`], so the process may die at any moment without losing a user's instance.
 
 pub mod ec2;
+pub mod metered;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -170,6 +171,14 @@ pub trait Provider: Send + Sync {
     /// Starts a stopped instance again. Its address may change: the record, when the
     /// provider has it at once.
     async fn start(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, ProviderError>;
+
+    /// Why an instance that failed to start failed, in words its user may read: how its
+    /// process ended and the last lines of its log, with credentials taken out. `None` when
+    /// the provider cannot tell.
+    async fn diagnose(&self, id: &InstanceId) -> Option<String> {
+        let _ = id;
+        None
+    }
 
     /// Stops an instance for good. Terminating an instance that is already gone succeeds, or
     /// answers [`ProviderError::NotFound`] on a provider whose listings lag (where it may mean

@@ -30,6 +30,7 @@ use super::{
     TAG_PURPOSE,
 };
 use crate::core::ids::InstanceId;
+use crate::core::redact;
 
 /// How long a workspace gets to exit after SIGTERM before its group is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -174,7 +175,17 @@ pub struct Inner {
     /// When the last listing looked through /proc for workspaces that lost their record.
     orphans_scanned: Mutex<Option<std::time::Instant>>,
     mirror: Mirror,
+    /// How workspaces that died ended (`exited with status 1`), until asked
+    /// ([`Provider::diagnose`]); at most [`EXITS_KEPT`].
+    exits: Mutex<HashMap<String, String>>,
+    /// Values of the pool's own environment that look secret, never shown from a log.
+    secret_values: Vec<String>,
 }
+
+/// Endings of dead workspaces kept for [`Provider::diagnose`], at most.
+const EXITS_KEPT: usize = 1024;
+/// Lines of a workspace's log shown when its start failed.
+const LOG_TAIL_LINES: usize = 12;
 
 /// How often a listing also looks for workspaces without a record. A record is written before
 /// its process starts, so such a process is the remains of a lost state folder or a crash:
@@ -223,6 +234,8 @@ impl ProcessProvider {
                 journal,
                 orphans_scanned: Mutex::new(None),
                 mirror,
+                exits: Mutex::new(HashMap::new()),
+                secret_values: secret_values(std::env::vars_os()),
             }),
         })
     }
@@ -792,10 +805,23 @@ impl Inner {
                 self.lock_ports().insert(record.port);
                 live.push(to_instance(&record));
             } else {
+                let ended = self
+                    .lock_children()
+                    .get_mut(&record.id)
+                    .and_then(|c| c.try_wait().ok().flatten())
+                    .map(|status| describe_exit(&status))
+                    .unwrap_or_else(|| "is no longer running".to_owned());
                 info!(
-                    "instance {} (pid {}) is gone; forgetting it",
+                    "instance {} (pid {}) {ended}; forgetting it",
                     record.id, record.pid
                 );
+                {
+                    let mut exits = self.exits.lock().unwrap_or_else(|e| e.into_inner());
+                    if exits.len() >= EXITS_KEPT {
+                        exits.clear();
+                    }
+                    exits.insert(record.id.clone(), ended);
+                }
                 self.forget(&record.id);
             }
         }
@@ -973,6 +999,41 @@ impl Provider for ProcessProvider {
             .map(Some)
     }
 
+    async fn diagnose(&self, id: &InstanceId) -> Option<String> {
+        let ended = self
+            .exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id.as_str());
+        let log = self.log_path(id.as_str());
+        let secrets: Vec<&str> = self.secret_values.iter().map(String::as_str).collect();
+        let tail = tokio::fs::read(&log)
+            .await
+            .map(|bytes| {
+                // The end of a long log is enough.
+                let from = bytes.len().saturating_sub(64 * 1024);
+                redact::log_tail(
+                    &String::from_utf8_lossy(&bytes[from..]),
+                    LOG_TAIL_LINES,
+                    &secrets,
+                )
+            })
+            .unwrap_or_default();
+        let mut words = match ended {
+            Some(ended) => format!("its process {ended}"),
+            None if tail.is_empty() => return None,
+            None => String::new(),
+        };
+        if !tail.is_empty() {
+            if !words.is_empty() {
+                words.push_str("; ");
+            }
+            words.push_str("the last lines of its log:\n");
+            words.push_str(&tail.join("\n"));
+        }
+        Some(words)
+    }
+
     /// Stops the instance's process group: SIGTERM, then SIGKILL after a grace period.
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
         self.end_processes(id).await?;
@@ -1003,6 +1064,31 @@ fn to_instance(record: &Record) -> InstanceRecord {
         key_name: None,
         client_token: None,
     }
+}
+
+/// How a workspace's process ended, in words.
+fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => "ended".to_owned(),
+    }
+}
+
+/// The values of variables in the pool's environment whose names say they are secret.
+fn secret_values(env: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<String> {
+    env.into_iter()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .filter(|(name, value)| {
+            let name = name.to_ascii_uppercase();
+            value.len() >= 4
+                && ["TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL"]
+                    .iter()
+                    .any(|w| name.contains(w))
+        })
+        .map(|(_, value)| value)
+        .collect()
 }
 
 pub fn now_ms() -> u64 {

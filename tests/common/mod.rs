@@ -229,6 +229,46 @@ impl Server {
         }
     }
 
+    /// Stops the server with SIGINT, as Ctrl-C in its terminal does, and waits (at most 30 s)
+    /// for it to exit; its workspaces keep running.
+    pub fn interrupt(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the server runs");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!(
+                    "the server did not exit within 30 s of SIGINT:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the binary with this server's configuration and `args` (e.g. `down`): its exit
+    /// status and everything it printed.
+    pub fn run_cli(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rstudio-pool"));
+        command.arg("-c").arg(&self.config).args(args);
+        for (k, v) in &self.options.env {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    }
+
     /// Starts the server again over the same state directory and ports.
     pub async fn restart(&mut self) {
         self.kill9();
@@ -552,5 +592,6 @@ impl Raw {
     }
 }
 
+pub mod browser;
 pub mod ec2sim;
 pub mod moto;

@@ -1,0 +1,518 @@
+//! What an operator runs the pool with: Prometheus metrics that follow real events, the admin
+//! page's access rules, audit events (also as JSON), failures people can act on, and stopping
+//! a local run (`Ctrl-C`, `rstudio-pool down`). The real binary, real workspaces, real HTTP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, is_known, wait_ready, Options, Server};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A second purpose whose workspace writes a line (with a credential in it) and exits.
+const BROKEN: &str = "  broken:\n    min_free_instances: 0\n    max_instances: 2\n    command: [\"sh\", \"-c\", \"echo starting with password=hunter2 >&2; echo cannot bind the port >&2; exit 3\"]\n";
+
+async fn scrape(server: &Server, token: Option<&str>) -> (u16, String) {
+    let mut request = server
+        .client()
+        .get(format!("http://{}/metrics", server.api));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
+}
+
+/// The value of the sample `name{labels}` (labels in any order); `None` when absent.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if metric != name {
+            return None;
+        }
+        let rest = rest.strip_suffix('}')?;
+        let pairs: Vec<(&str, &str)> = rest
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                let (k, v) = p.split_once('=')?;
+                Some((k, v.trim_matches('"')))
+            })
+            .collect();
+        (pairs.len() == labels.len() && labels.iter().all(|l| pairs.contains(l)))
+            .then(|| value.parse().ok())?
+    })
+}
+
+/// The sum of every sample of `name` whose labels include `labels`.
+fn total(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_follow_real_events() {
+    let server = Server::start(Options {
+        min_free: 1,
+        max: 3,
+        timeout_instance_ms: 1500,
+        extra_yaml: format!("purposes:\n  rstudio:\n    on_idle: terminate\n{BROKEN}"),
+        ..Options::default()
+    })
+    .await;
+    let (status, text) = scrape(&server, None).await;
+    assert_eq!(status, 200, "{text}");
+    for family in [
+        "# TYPE rstudio_pool_instances gauge",
+        "# TYPE rstudio_pool_assignments_total counter",
+        "# TYPE rstudio_pool_assignment_duration_seconds histogram",
+        "# TYPE rstudio_pool_instance_seconds_total counter",
+        "# TYPE rstudio_pool_provider_calls_total counter",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    let rstudio = [("purpose", "rstudio")];
+    assert_eq!(
+        sample(&text, "rstudio_pool_min_free_instances", &rstudio),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "rstudio_pool_max_instances", &rstudio),
+        Some(3.0)
+    );
+
+    // Two users, and the first one again.
+    eventually("a warm instance", WAIT, || async {
+        (server.census("rstudio").await["freeReady"] == json!(1)).then_some(())
+    })
+    .await;
+    let a = server.request("ana").await;
+    let b = server.request("ben").await;
+    assert_eq!(server.request("ana").await, a);
+    wait_ready(&server, &a).await;
+    let (_, before) = scrape(&server, None).await;
+    // Three proxied requests answered 2xx, one for nothing (our 404 page).
+    for _ in 0..3 {
+        let r = server
+            .client()
+            .get(server.proxy_url(&format!("/{a}/")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = server
+        .client()
+        .get(server.proxy_url("/i-0123456789abcdef0/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // One deleted, one culled when idle, one failed start.
+    let (status, _) = server.command("DELETE", json!({"instanceId": b})).await;
+    assert_eq!(status, 200);
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "cai", "purpose": "broken"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("ana's instance is culled when idle", WAIT, || async {
+        (!is_known(&server, &a).await).then_some(())
+    })
+    .await;
+    let text = eventually("the failed start is counted", WAIT, || async {
+        let (_, text) = scrape(&server, None).await;
+        let failed = sample(
+            &text,
+            "rstudio_pool_launch_failures_total",
+            &[("purpose", "broken"), ("cause", "exited")],
+        );
+        (failed == Some(1.0)).then_some(text)
+    })
+    .await;
+
+    let count = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels).unwrap_or(-1.0);
+    let outcome = |o: &str| {
+        count(
+            "rstudio_pool_assignments_total",
+            &[("purpose", "rstudio"), ("outcome", o)],
+        )
+    };
+    assert_eq!(outcome("warm") + outcome("launched"), 2.0, "{text}");
+    assert_eq!(outcome("existing"), 1.0, "{text}");
+    assert_eq!(outcome("pool_full"), 0.0, "{text}");
+    assert_eq!(
+        count(
+            "rstudio_pool_assignment_duration_seconds_count",
+            &[("purpose", "rstudio")]
+        ),
+        3.0
+    );
+    let ended = |reason: &str| {
+        count(
+            "rstudio_pool_terminations_total",
+            &[("purpose", "rstudio"), ("reason", reason)],
+        )
+    };
+    assert_eq!(ended("deleted"), 1.0, "{text}");
+    assert_eq!(ended("idle"), 1.0, "{text}");
+    assert_eq!(ended("admin"), 0.0, "{text}");
+    // Since just before the requests (waiting for readiness asks through the proxy too).
+    let proxied = |path: &str, class: &str| {
+        let labels = [("path", path), ("class", class)];
+        total(&text, "rstudio_pool_proxy_requests_total", &labels)
+            - total(&before, "rstudio_pool_proxy_requests_total", &labels)
+    };
+    assert_eq!(
+        proxied("edge", "2xx") + proxied("pingora", "2xx"),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(proxied("page", "4xx"), 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "rstudio_pool_users", &rstudio),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "rstudio_pool_instances",
+            &[("purpose", "rstudio"), ("state", "assigned")]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        count(
+            "rstudio_pool_launch_to_ready_seconds_count",
+            &[("purpose", "rstudio")]
+        ) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        count(
+            "rstudio_pool_provider_calls_total",
+            &[("operation", "launch")]
+        ) >= 3.0
+    );
+    assert!(
+        total(&text, "rstudio_pool_instance_seconds_total", &rstudio) > 0.0,
+        "{text}"
+    );
+    assert!(
+        !text.contains("ana") && !text.contains(&a),
+        "no user or instance ids in labels"
+    );
+
+    // The audit log: one line per event, with user, instance, purpose and cause.
+    let log = server.log();
+    for needle in [
+        format!("event=assign user=ana instance={a} purpose=rstudio"),
+        format!("event=delete user=ben instance={b} purpose=rstudio cause=deleted"),
+        format!("event=cull user=ana instance={a} purpose=rstudio cause=idle"),
+        "event=launch_failure user=cai".to_owned(),
+    ] {
+        assert!(log.contains(&needle), "no `{needle}` in:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
+    let token = "0p3r4t0r-t0ken";
+    let server = Server::start(Options {
+        api_token: Some(token.into()),
+        ..Options::default()
+    })
+    .await;
+    let (status, _) = scrape(&server, None).await;
+    assert_eq!(status, 401);
+    let (status, _) = scrape(&server, Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, text) = scrape(&server, Some(token)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("rstudio_pool_instances"), "{text}");
+
+    let admin = |path: &str| format!("http://{}{path}", server.api);
+    let client = server.client();
+    // Without a session: the login form, and nothing else.
+    let page = client.get(admin("/admin")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("action=\"/admin/login\"") && !page.contains("csrf-token"),
+        "{page}"
+    );
+    let r = client.get(admin("/admin/state")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let id = server.request("ana").await;
+    let r = client
+        .post(admin("/admin/terminate"))
+        .json(&json!({"instanceId": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The bearer token is not a session for the page.
+    let r = client
+        .get(admin("/admin/state"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(admin("/admin/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Signed in.
+    let r = client
+        .post(admin("/admin/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/admin"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+    let page = client
+        .get(admin("/admin"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no CSRF token in the page:\n{page}"))
+        .to_owned();
+    let state: Value = client
+        .get(admin("/admin/state"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = state["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == json!(id))
+        .unwrap_or_else(|| panic!("{id} not in {state}"));
+    assert_eq!(listed["owner"], json!("ana"));
+    assert_eq!(state["pools"]["rstudio"]["max"], json!(5));
+    assert!(state["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == json!("assign") && e["instance"] == json!(id)));
+
+    // An action without the CSRF token, or with another, is refused and changes nothing.
+    for presented in [None, Some("0000")] {
+        let mut request = client
+            .post(admin("/admin/terminate"))
+            .header("cookie", &cookie)
+            .json(&json!({"instanceId": id}));
+        if let Some(p) = presented {
+            request = request.header("x-csrf-token", p);
+        }
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    assert!(is_known(&server, &id).await);
+    let r = client
+        .post(admin("/admin/terminate"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .json(&json!({"instanceId": id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually("the instance is gone", WAIT, || async {
+        (!is_known(&server, &id).await).then_some(())
+    })
+    .await;
+    let (_, text) = scrape(&server, Some(token)).await;
+    assert_eq!(
+        sample(
+            &text,
+            "rstudio_pool_terminations_total",
+            &[("purpose", "rstudio"), ("reason", "admin")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Pause and resume from the page; pausing what is not running is refused with a
+    // reason (409), not a 500.
+    let other = server.request("ben").await;
+    wait_ready(&server, &other).await;
+    let act = |action: &'static str, id: String| {
+        let request = client
+            .post(admin(&format!("/admin/{action}")))
+            .header("cookie", &cookie)
+            .header("x-csrf-token", &csrf)
+            .json(&json!({"instanceId": id}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(act("pause", other.clone()).await, 200);
+    assert_eq!(
+        common::state_of(&server, &other).await.as_deref(),
+        Some("paused")
+    );
+    assert_eq!(act("pause", other.clone()).await, 409);
+    assert_eq!(act("resume", other.clone()).await, 200);
+    wait_ready(&server, &other).await;
+    let (_, text) = scrape(&server, Some(token)).await;
+    for (name, labels) in [
+        (
+            "rstudio_pool_pauses_total",
+            vec![("purpose", "rstudio"), ("reason", "admin")],
+        ),
+        ("rstudio_pool_resumes_total", vec![("purpose", "rstudio")]),
+    ] {
+        assert_eq!(sample(&text, name, &labels), Some(1.0), "{name}: {text}");
+    }
+    let r = client
+        .post(admin("/admin/terminate"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn a_failed_start_says_why_without_its_secrets() {
+    let server = Server::start(Options {
+        min_free: 0,
+        extra_yaml: format!("purposes:\n  rstudio: {{}}\n{BROKEN}"),
+        ..Options::default()
+    })
+    .await;
+    // A caller that waits hears why, instead of `launching` for a replacement.
+    let (status, body) = server
+        .command(
+            "REQUEST_RSTUDIO",
+            json!({"userId": "cai", "purpose": "broken", "wait": 20}),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("exited with status 3"), "{error}");
+    assert!(error.contains("cannot bind the port"), "{error}");
+    assert!(
+        error.contains("password=[redacted]") && !error.contains("hunter2"),
+        "{error}"
+    );
+    let log = server.log();
+    assert!(
+        log.contains("failed to start") && log.contains("exited with status 3"),
+        "{log}"
+    );
+    assert!(!log.contains("hunter2"), "{log}");
+}
+
+#[tokio::test]
+async fn audit_events_are_json_objects_under_log_format_json() {
+    let server = Server::start(Options {
+        env: vec![("LOG_FORMAT".into(), "json".into())],
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("ana").await;
+    let event = eventually("the assignment's audit line", WAIT, || async {
+        server.log().lines().find_map(|line| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            (v["target"] == json!("audit") && v["event"] == json!("assign")).then_some(v)
+        })
+    })
+    .await;
+    assert_eq!(event["user"], json!("ana"));
+    assert_eq!(event["instance"], json!(id));
+    assert_eq!(event["purpose"], json!("rstudio"));
+    assert!(event["time"].as_str().unwrap().ends_with('Z'), "{event}");
+    // Every other line the logger wrote is a JSON object too.
+    let log = server.log();
+    let logged: Vec<&str> = log.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(logged.len() > 3);
+    for line in logged {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["target"].is_string(), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn ctrl_c_says_what_keeps_running_and_down_stops_it() {
+    let mut server = Server::start(Options {
+        min_free: 2,
+        ..Options::default()
+    })
+    .await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+    eventually("three workspaces run", WAIT, || async {
+        (server.workspaces().len() == 3).then_some(())
+    })
+    .await;
+    // While the pool runs, `down` refuses: the pool would launch its warm instances again.
+    let (status, out) = server.run_cli(&["down"]);
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("stop the running rstudio-pool first"), "{out}");
+    assert_eq!(server.workspaces().len(), 3);
+
+    server.interrupt();
+    let log = server.log();
+    assert!(
+        log.contains("3 workspace(s) keep running") && log.contains(" down"),
+        "{log}"
+    );
+    assert_eq!(server.workspaces().len(), 3, "Ctrl-C leaves them running");
+
+    let (status, out) = server.run_cli(&["down"]);
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(&format!("terminated {id} (rstudio, ana)")),
+        "{out}"
+    );
+    assert!(server.workspaces().is_empty(), "{:?}", server.workspaces());
+    let records = std::fs::read_dir(server.state_dir().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(records, 0);
+    let (status, out) = server.run_cli(&["down"]);
+    assert!(status.success() && out.contains("no workspaces"), "{out}");
+}
