@@ -115,6 +115,7 @@ pub struct Metrics {
     auth_refusals: [IntCounter; 3],
     pub provider_calls: IntCounterVec,
     pub provider_errors: IntCounterVec,
+    pub provider_throttles: IntCounterVec,
     pub instance_seconds: CounterVec,
 }
 
@@ -273,8 +274,13 @@ impl Metrics {
             ),
             provider_errors: counters(
                 "provider_errors_total",
-                "Failed provider calls (after the SDK's retries), and throttled attempts, by operation and kind",
+                "Provider calls that failed (after the SDK's retries), by operation and kind",
                 &["operation", "kind"],
+            ),
+            provider_throttles: counters(
+                "provider_throttled_attempts_total",
+                "Attempts the provider throttled (EC2's RequestLimitExceeded), each retried by the SDK or failed, by operation (DescribeInstances counts as list)",
+                &["operation"],
             ),
             instance_seconds,
             registry,
@@ -309,6 +315,7 @@ impl Metrics {
             for kind in PROVIDER_ERRORS {
                 self.provider_errors.with_label_values(&[operation, kind]);
             }
+            self.provider_throttles.with_label_values(&[operation]);
         }
     }
 

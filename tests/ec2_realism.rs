@@ -582,3 +582,52 @@ async fn ec2_as_it_behaves_with_faults_and_crashes_loses_nothing() {
         "throttled {throttled}, faults {faults}, not found {not_found}"
     );
 }
+
+/// Every attempt EC2 throttled is counted by the server, whether the SDK's retry then
+/// succeeded or not: the metric sits between what the EC2 had throttled just before the
+/// scrape and just after it.
+#[tokio::test]
+async fn throttled_attempts_are_counted_as_ec2_throttled_them() {
+    let s = setup_with(Realism {
+        throttle_scale: 0.1,
+        ..Realism::default_lag()
+    })
+    .await;
+    let server = Server::start(options(&s, "pool-m", 2, 4)).await;
+    server.request("ana").await;
+    server.request("ben").await;
+    let throttled = || {
+        s.moto.ec2.history(|h| {
+            h.calls
+                .iter()
+                .filter(|((_, o), _)| *o == "throttled")
+                .map(|(_, n)| *n)
+                .sum::<u64>()
+        })
+    };
+    let counted = eventually(
+        "the server's count of throttled attempts matches the EC2's",
+        WAIT,
+        || async {
+            let before = throttled();
+            let text = server
+                .client()
+                .get(format!("http://{}/metrics", server.api))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let after = throttled();
+            let counted: u64 = text
+                .lines()
+                .filter(|l| l.starts_with("rstudio_pool_provider_throttled_attempts_total{"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+                .sum();
+            (before > 0 && before <= counted && counted <= after).then_some(counted)
+        },
+    )
+    .await;
+    eprintln!("throttled attempts counted: {counted}");
+}

@@ -98,7 +98,11 @@ impl Ec2Provider {
                 if let Some(region) = &self.config.region {
                     loader = loader.region(aws_config::Region::new(region.clone()));
                 }
-                Client::new(&loader.load().await)
+                let shared = loader.load().await;
+                let config = aws_sdk_ec2::config::Builder::from(&shared)
+                    .interceptor(CountThrottles)
+                    .build();
+                Client::from_conf(config)
             })
             .await
     }
@@ -561,5 +565,53 @@ where
         ProviderError::Unavailable(explain(what, err))
     } else {
         ProviderError::Other(explain(what, err))
+    }
+}
+
+/// Counts every attempt EC2 throttled (`RequestLimitExceeded`, HTTP 503 or 429 with a
+/// throttling code), retried by the SDK or not, in
+/// `rstudio_pool_provider_throttled_attempts_total`, by the pool's name of the operation.
+#[derive(Debug)]
+struct CountThrottles;
+
+impl aws_sdk_ec2::config::Intercept for CountThrottles {
+    fn name(&self) -> &'static str {
+        "CountThrottles"
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &aws_sdk_ec2::config::interceptors::FinalizerInterceptorContextRef<'_>,
+        _components: &aws_sdk_ec2::config::RuntimeComponents,
+        cfg: &mut aws_sdk_ec2::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let status = context.response().map(|r| r.status().as_u16());
+        if !matches!(status, Some(503 | 429 | 400)) {
+            return Ok(());
+        }
+        let Some(Err(error)) = context.output_or_error() else {
+            return Ok(());
+        };
+        if !super::metered::is_throttling(&format!("{error:?}")) {
+            return Ok(());
+        }
+        let action = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name())
+            .unwrap_or_default();
+        let operation = match action {
+            "RunInstances" => "launch",
+            "DescribeInstances" => "list",
+            "CreateTags" => "set_tags",
+            "StopInstances" => "stop",
+            "StartInstances" => "start",
+            "TerminateInstances" => "terminate",
+            _ => "other",
+        };
+        crate::metrics::metrics()
+            .provider_throttles
+            .with_label_values(&[operation])
+            .inc();
+        Ok(())
     }
 }
