@@ -57,9 +57,7 @@ async fn an_operator_signs_in_watches_the_pool_and_terminates_from_the_page() {
     let second = server.request("ben").await;
     let row2 = format!("#instances tr[data-id=\"{second}\"]");
     browser.wait_for_text(&row2, "ben", WAIT).await;
-    browser
-        .wait_for_text("#events tbody", &format!("{second}"), WAIT)
-        .await;
+    browser.wait_for_text("#events tbody", &second, WAIT).await;
     wait_ready(&server, &second).await;
     browser.wait_for_text(&row2, "assigned", WAIT).await;
     if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
