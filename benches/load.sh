@@ -23,6 +23,7 @@
 #   benches/load.sh                          # everything, about 6 minutes
 #   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
 #   PARTS=instr INSTR_REPORT=/tmp/instr.txt benches/load.sh   # instructions per request, by function
+#   POOL_BIN=/tmp/rstudio-pool-before PARTS=instr benches/load.sh   # the same for another build
 #   BENCH_AUTH=none PARTS=http benches/load.sh   # what the access check costs
 #   BENCH_PINGORA="work_stealing: false" benches/load.sh   # Pingora server keys for rstudio-pool
 #   PARTS=ws WS_SOCKETS=10000 WS_SECONDS=600 WS_PROXIES=rstudio-pool benches/load.sh   # the soak
@@ -67,6 +68,8 @@ fi
 
 cargo build --release --bin rstudio-pool --example bare_proxy --example ws_load --example api_load --example slow_clients 2>&1 | tail -1 >&2
 BIN="$CARGO_TARGET_DIR/release"
+# POOL_BIN measures another build of rstudio-pool (an earlier commit, for a before/after).
+POOL="${POOL_BIN:-$BIN/rstudio-pool}"
 NGINX="$(command -v nginx)"
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -150,7 +153,7 @@ purposes:
     readiness_path: /
     min_free_instances: 0
 EOF
-RUST_LOG=warn "$BIN/rstudio-pool" -c "$WORK/bench.yaml" > "$WORK/rstudio-pool.log" 2>&1 &
+RUST_LOG=warn "$POOL" -c "$WORK/bench.yaml" > "$WORK/rstudio-pool.log" 2>&1 &
 POOL_PID=$!; PIDS+=("$POOL_PID")
 wait_port "$API"; wait_port "$PROXY"
 
@@ -294,7 +297,7 @@ if [[ " $PARTS " == *" instr "* ]]; then
   sed -e "s#127.0.0.1:$API#127.0.0.1:$IAPI#; s#127.0.0.1:$PROXY#127.0.0.1:$IPROXY#; s#state_dir: $WORK/state#state_dir: $WORK/state-instr#" \
     "$WORK/bench.yaml" > "$WORK/instr.yaml"
   RUST_LOG=warn valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-rstudio-pool.out" \
-    "$BIN/rstudio-pool" -c "$WORK/instr.yaml" > "$WORK/instr.log" 2>&1 &
+    "$POOL" -c "$WORK/instr.yaml" > "$WORK/instr.log" 2>&1 &
   ICG_POOL=$!; PIDS+=("$ICG_POOL")
   valgrind -q --tool=callgrind --callgrind-out-file="$WORK/cg-bare-pingora.out" \
     "$BIN/examples/bare_proxy" "127.0.0.1:$IBARE" "$UP" 1 > "$WORK/instr-bare.log" 2>&1 &
@@ -389,7 +392,7 @@ EOF
   if [ "$API_PIN" = 1 ] && command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
     server_pin=(taskset -c 0); caller_pin=(taskset -c 1)
   fi
-  RUST_LOG=warn "${server_pin[@]}" "$BIN/rstudio-pool" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
+  RUST_LOG=warn "${server_pin[@]}" "$POOL" -c "$WORK/api.yaml" > "$WORK/api.log" 2>&1 &
   API_PID=$!; PIDS+=("$API_PID")
   wait_port "$API2"
   free_ready() {

@@ -213,15 +213,24 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
     );
     server.add_service(proxy);
 
-    println!(
-        "rstudio-pool: command API on http://{api}, proxy on {public} ({provider} provider)\n\
+    let json = config.log_format == rstudio_pool::audit::LogFormat::Json;
+    // Under `log.format: json` everything the process writes is a JSON line: one log record.
+    let say = |text: String| {
+        if json {
+            log::info!("{}", text.replace('\n', " "));
+        } else {
+            eprintln!("{text}");
+        }
+    };
+    say(format!(
+        "rstudio-pool: command API on http://{api} (admin page /admin, metrics /metrics), proxy on {public} ({provider} provider)\n\
          Ask for a workspace:\n  curl -s -X POST http://{api}/ -d '{{\"command\":\"REQUEST_RSTUDIO\",\"payload\":{{\"userId\":\"me\"}}}}'\n\
          then open the `url` it answers in a browser: a link for that user, good once, that leads\n\
          to {public}/i-<instanceId>/.",
         api = config.api.listen,
         public = config.proxy.public_url,
         provider = manager.provider_kind(),
-    );
+    ));
     server.run(RunArgs::default());
     // Stopped (Ctrl-C, SIGTERM): say what keeps running and how to stop it.
     let left: usize = manager
@@ -242,11 +251,11 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
             ),
             ProviderConfig::Ec2(_) => format!("{left} EC2 instance(s) of this pool keep running"),
         };
-        eprintln!(
+        say(format!(
             "rstudio-pool stopped. {what}: start rstudio-pool again to take them back, \
              or stop them all with:\n  rstudio-pool{conf} down{yes}   (scripts/run.sh{conf} down{yes})",
             yes = if matches!(config.provider, ProviderConfig::Ec2(_)) { " --yes" } else { "" },
-        );
+        ));
     }
     std::process::exit(0);
 }
