@@ -516,3 +516,49 @@ async fn ctrl_c_says_what_keeps_running_and_down_stops_it() {
     let (status, out) = server.run_cli(&["down"]);
     assert!(status.success() && out.contains("no workspaces"), "{out}");
 }
+
+/// An open WebSocket is counted while it is open, on the edge's tunnel and on Pingora's path.
+#[tokio::test]
+async fn open_websockets_are_counted_while_open() {
+    use futures_util::{SinkExt, StreamExt};
+    for own_forwarding in [true, false] {
+        let server = Server::start(Options {
+            extra_yaml: format!("  own_forwarding: {own_forwarding}\n"),
+            ..Options::default()
+        })
+        .await;
+        let id = server.request("ana").await;
+        wait_ready(&server, &id).await;
+        let open = || async {
+            let (_, text) = scrape(&server, None).await;
+            sample(&text, "rstudio_pool_open_websockets", &[])
+        };
+        assert_eq!(open().await, Some(0.0));
+        let url = format!("ws://{}/{id}/ws", server.proxy);
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        socket
+            .send(tokio_tungstenite::tungstenite::Message::text("hi"))
+            .await
+            .unwrap();
+        let echo = socket.next().await.unwrap().unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), "hi");
+        assert_eq!(open().await, Some(1.0), "own_forwarding {own_forwarding}");
+        socket.close(None).await.unwrap();
+        drop(socket);
+        eventually("the closed socket is no longer counted", WAIT, || async {
+            (open().await == Some(0.0)).then_some(())
+        })
+        .await;
+        let (_, text) = scrape(&server, None).await;
+        let path = if own_forwarding { "tunnel" } else { "pingora" };
+        assert_eq!(
+            sample(
+                &text,
+                "rstudio_pool_proxy_requests_total",
+                &[("path", path), ("class", "1xx")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    }
+}
