@@ -44,6 +44,7 @@ fn the_configuration_table_matches_the_code() {
         (vec!["api"], "api"),
         (vec!["proxy"], "proxy"),
         (vec!["auth"], "auth"),
+        (vec!["log"], "log"),
         (vec!["purposes", "rstudio"], "purposes.<name>"),
     ] {
         for key in expected_keys(&section) {
