@@ -1302,11 +1302,13 @@ fn preset(name: &str) -> PurposeSection {
             ]),
             ..PurposeSection::default()
         },
+        // The working folder's own app (app.R, or ui.R and server.R), else the example app
+        // shipped in the binary, so that a new workspace runs something.
         "shiny" => PurposeSection {
             command: args(&[
-                "R",
-                "-e",
-                "shiny::runApp('.', host = '127.0.0.1', port = {port})",
+                "sh",
+                "-c",
+                "[ -e app.R ] || [ -e server.R ] || {exe} example shiny > app.R; exec R --no-save --quiet -e \"shiny::runApp('.', host = '127.0.0.1', port = {port}, launch.browser = FALSE)\"",
             ]),
             port: Some(3838),
             strip_prefix: Some(true),

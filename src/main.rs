@@ -53,6 +53,9 @@ struct Cli {
 enum Sub {
     /// Run the built-in demo workspace (the embedded default's workload).
     DemoWorkspace(DemoOptions),
+    /// Print an example workspace file: `shiny` (the app the shiny purpose runs in a working
+    /// folder without an app of its own).
+    Example { name: String },
     /// Terminate every workspace of this pool (the one `-c` configures) and clear its
     /// records; the pool must not be running. Users lose their workspaces.
     Down {
@@ -76,6 +79,15 @@ fn main() {
         return;
     }
 
+    if let Some(Sub::Example { name }) = &cli.command {
+        match name.as_str() {
+            "shiny" => print!("{}", include_str!("../rstudio/shiny/app.R")),
+            other => fail(&format!(
+                "no example `{other}`: the one there is is `shiny`"
+            )),
+        }
+        return;
+    }
     let env = |name: &str| std::env::var(name).ok();
     let (config, text) = Config::load(cli.conf.as_deref(), &env)
         .unwrap_or_else(|e| fail(&format!("configuration error: {e}")));
