@@ -37,6 +37,10 @@ if [ ! -x /usr/bin/chromedriver ] || [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# The shiny and code-server purposes are tested with the real programs: R with shiny from
+# Debian, code-server from the npm registry into a cache folder outside the clone.
+scripts/install-shiny.sh
+scripts/install-code-server.sh
 export RSTUDIO_POOL_VENV="$VENV"
 
 echo "== cargo fmt --check"

@@ -1259,6 +1259,10 @@ fn preset(name: &str) -> PurposeSection {
                 "--ServerApp.allow_origin=*",
                 "--ServerApp.disable_check_xsrf=True",
                 "--ServerApp.root_dir=.",
+                // The lab's layout and settings live with the instance's files, not in the
+                // pool user's HOME, where every lab of every user would share one layout.
+                "--LabApp.workspaces_dir=.jupyter/lab/workspaces",
+                "--LabApp.user_settings_dir=.jupyter/lab/user-settings",
                 // Harmless for a normal user; needed where the pool runs as root (CI).
                 "--allow-root",
             ]),
@@ -1279,6 +1283,8 @@ fn preset(name: &str) -> PurposeSection {
             ]),
             ..PurposeSection::default()
         },
+        // No update checks or nags users cannot act on, no trust prompt in each new folder,
+        // and not the pool user's own config file (`--config /dev/null`).
         "code-server" => PurposeSection {
             command: args(&[
                 "code-server",
@@ -1287,6 +1293,11 @@ fn preset(name: &str) -> PurposeSection {
                 "--auth",
                 "none",
                 "--disable-telemetry",
+                "--disable-update-check",
+                "--disable-workspace-trust",
+                "--disable-getting-started-override",
+                "--config",
+                "/dev/null",
                 ".",
             ]),
             port: Some(8080),
@@ -1299,6 +1310,8 @@ fn preset(name: &str) -> PurposeSection {
                 "--auth",
                 "none",
                 "--disable-telemetry",
+                "--disable-update-check",
+                "--disable-workspace-trust",
             ]),
             ..PurposeSection::default()
         },
