@@ -562,3 +562,66 @@ async fn open_websockets_are_counted_while_open() {
         );
     }
 }
+
+/// Links and refusals are counted as they happen: a link exchanged, the same link again
+/// from a browser without the session, a forged link, and a request with no session at all.
+#[tokio::test]
+async fn link_exchanges_and_refusals_are_counted() {
+    let server = Server::start(Options {
+        auth_yaml: Some(
+            "auth:\n  mode: token\n  secrets: [\"operations-secret-0123456789\"]\n".into(),
+        ),
+        ..Options::default()
+    })
+    .await;
+    let (status, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["instanceId"].as_str().unwrap().to_owned();
+    let link = body["url"].as_str().unwrap().to_owned();
+    wait_until_ready_via_status(&server, &id).await;
+    let client = server.client().clone();
+    let get = |url: String| {
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(get(link.clone()).await, 302, "the link is exchanged");
+    assert_eq!(get(link.clone()).await, 401, "spent, and no session");
+    let forged = format!("{}?rsp_token=forged", server.proxy_url(&format!("/{id}/")));
+    assert_eq!(get(forged).await, 401);
+    assert_eq!(get(server.proxy_url(&format!("/{id}/"))).await, 401);
+    let text = eventually("the four requests are counted", WAIT, || async {
+        let (_, text) = scrape(&server, None).await;
+        let refused = sample(
+            &text,
+            "rstudio_pool_auth_refusals_total",
+            &[("reason", "no_session")],
+        );
+        (refused == Some(3.0)).then_some(text)
+    })
+    .await;
+    for (outcome, n) in [("ok", 1.0), ("spent", 1.0), ("invalid", 1.0)] {
+        assert_eq!(
+            sample(
+                &text,
+                "rstudio_pool_link_exchanges_total",
+                &[("outcome", outcome)]
+            ),
+            Some(n),
+            "{outcome}: {text}"
+        );
+    }
+    assert!(server.log().contains(&format!(
+        "event=link_exchange user=ana instance={id} purpose=rstudio"
+    )));
+}
+
+/// Ready, as `GET_STATUS` says, without a request through the proxy (which would need a
+/// session here).
+async fn wait_until_ready_via_status(server: &Server, id: &str) {
+    eventually("the instance is ready", WAIT, || async {
+        (common::state_of(server, id).await.as_deref() == Some("ready")).then_some(())
+    })
+    .await;
+}
