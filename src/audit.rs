@@ -127,7 +127,7 @@ pub fn init(format: LogFormat) {
         builder.format(|out, record| {
             let message = record.args().to_string();
             let head = serde_json::json!({
-                "time": humantime_now(),
+                "time": rfc3339_now(),
                 "level": record.level().as_str(),
                 "target": record.target(),
             })
@@ -152,7 +152,7 @@ pub fn init(format: LogFormat) {
 }
 
 /// Now as RFC 3339 in UTC, to the millisecond.
-fn humantime_now() -> String {
+fn rfc3339_now() -> String {
     let ms = crate::provider::process::now_ms();
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);

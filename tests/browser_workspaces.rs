@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use common::browser::Browser;
-use common::{eventually, Options, Server};
+use common::{eventually, path_with_venv, Options, Server};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -32,26 +32,6 @@ const LAB_WAIT: Duration = Duration::from_secs(120);
 
 fn token_auth() -> Option<String> {
     Some(format!("auth:\n  mode: token\n  secrets: [\"{SECRET}\"]\n"))
-}
-
-/// PATH with the test virtualenv (where scripts/test.sh installs JupyterLab) first, so that
-/// the jupyter preset's `jupyter-lab` is found as it would be on a laptop.
-fn path_with_venv() -> (String, String) {
-    let venv = std::env::var("RSTUDIO_POOL_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/rstudio-pool-venv",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let bin = format!("{venv}/bin");
-    assert!(
-        std::path::Path::new(&format!("{bin}/jupyter-lab")).exists(),
-        "no JupyterLab in {bin}: run scripts/test.sh, which installs it"
-    );
-    (
-        "PATH".into(),
-        format!("{bin}:{}", std::env::var("PATH").unwrap_or_default()),
-    )
 }
 
 /// `REQUEST_RSTUDIO` for `user` (and `purpose`, waiting at most `wait` seconds for the

@@ -118,17 +118,7 @@ async fn code_server_loads_under_its_prefix_and_saves_a_file_typed_in_the_browse
     std::fs::write(work.join("notes.txt"), "written by the test\n").unwrap();
 
     let browser = Browser::start().await;
-    browser
-        .try_command(
-            Method::POST,
-            "/goog/cdp/execute",
-            Some(json!({
-                "cmd": "Page.addScriptToEvaluateOnNewDocument",
-                "params": {"source": SOCKET_HOOK}
-            })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("cannot install the WebSocket hook: {e}"));
+    browser.add_init_script(SOCKET_HOOK).await;
     browser.goto(&link).await;
 
     // The link is exchanged for the session cookie and the browser stays under the prefix:

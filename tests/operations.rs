@@ -26,42 +26,43 @@ async fn scrape(server: &Server, token: Option<&str>) -> (u16, String) {
     (status, r.text().await.unwrap())
 }
 
-/// The value of the sample `name{labels}` (labels in any order); `None` when absent.
+/// One sample of the scraped text: name, labels, value.
+type Sample<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+
+/// Every sample of the scraped text.
+fn samples(text: &str) -> Vec<Sample<'_>> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let labels = labels
+                .strip_suffix('}')?
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k, v.trim_matches('"')))
+                })
+                .collect();
+            Some((name, labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of the sample `name{labels}` (exactly these labels, in any order).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-        if metric != name {
-            return None;
-        }
-        let rest = rest.strip_suffix('}')?;
-        let pairs: Vec<(&str, &str)> = rest
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| {
-                let (k, v) = p.split_once('=')?;
-                Some((k, v.trim_matches('"')))
-            })
-            .collect();
-        (pairs.len() == labels.len() && labels.iter().all(|l| pairs.contains(l)))
-            .then(|| value.parse().ok())?
+    samples(text).into_iter().find_map(|(n, l, v)| {
+        (n == name && l.len() == labels.len() && labels.iter().all(|x| l.contains(x))).then_some(v)
     })
 }
 
 /// The sum of every sample of `name` whose labels include `labels`.
 fn total(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())?
-        })
+    samples(text)
+        .into_iter()
+        .filter(|(n, l, _)| *n == name && labels.iter().all(|x| l.contains(x)))
+        .map(|(_, _, v)| v)
         .sum()
 }
 
@@ -108,21 +109,9 @@ async fn metrics_follow_real_events() {
     // for nothing (our 404 page).
     wait_ready(&server, &a).await;
     for _ in 0..3 {
-        let r = server
-            .client()
-            .get(server.proxy_url(&format!("/{a}/")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(server.page(&format!("/{a}/")).await.0, 200);
     }
-    let r = server
-        .client()
-        .get(server.proxy_url("/i-0123456789abcdef0/"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(server.page("/i-0123456789abcdef0/").await.0, 404);
     // One deleted, one culled when idle, one failed start.
     let (status, _) = server.command("DELETE", json!({"instanceId": b})).await;
     assert_eq!(status, 200);
@@ -233,6 +222,34 @@ async fn metrics_follow_real_events() {
     }
 }
 
+/// A `POST` to the admin page as its form or script sends it: the session cookie and the
+/// CSRF token when given.
+async fn admin_post(
+    server: &Server,
+    path: &str,
+    cookie: Option<&str>,
+    csrf: Option<&str>,
+    body: &str,
+) -> reqwest::Response {
+    let content_type = if path == "/admin/login" {
+        "application/x-www-form-urlencoded"
+    } else {
+        "application/json"
+    };
+    let mut request = server
+        .client()
+        .post(format!("http://{}{path}", server.api))
+        .header("content-type", content_type)
+        .body(body.to_owned());
+    if let Some(cookie) = cookie {
+        request = request.header("cookie", cookie);
+    }
+    if let Some(csrf) = csrf {
+        request = request.header("x-csrf-token", csrf);
+    }
+    request.send().await.unwrap()
+}
+
 #[tokio::test]
 async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
     let token = "0p3r4t0r-t0ken";
@@ -262,12 +279,8 @@ async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
     let r = client.get(admin("/admin/state")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     let id = server.request("ana").await;
-    let r = client
-        .post(admin("/admin/terminate"))
-        .json(&json!({"instanceId": id}))
-        .send()
-        .await
-        .unwrap();
+    let target = json!({"instanceId": id}).to_string();
+    let r = admin_post(&server, "/admin/terminate", None, None, &target).await;
     assert_eq!(r.status(), 401);
     // The bearer token is not a session for the page.
     let r = client
@@ -277,23 +290,18 @@ async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let r = client
-        .post(admin("/admin/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("token=nope")
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(&server, "/admin/login", None, None, "token=nope").await;
     assert_eq!(r.status(), 401);
 
     // Signed in.
-    let r = client
-        .post(admin("/admin/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={token}"))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &server,
+        "/admin/login",
+        None,
+        None,
+        &format!("token={token}"),
+    )
+    .await;
     assert_eq!(r.status(), 303);
     let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/admin"] {
@@ -339,27 +347,22 @@ async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
         .any(|e| e["event"] == json!("assign") && e["instance"] == json!(id)));
 
     // An action without the CSRF token, or with another, is refused and changes nothing.
-    for presented in [None, Some("0000")] {
-        let mut request = client
-            .post(admin("/admin/terminate"))
-            .header("cookie", &cookie)
-            .json(&json!({"instanceId": id}));
-        if let Some(p) = presented {
-            request = request.header("x-csrf-token", p);
+    let act = |action: &str, target: String, csrf: Option<String>| {
+        let (server, cookie) = (&server, &cookie);
+        let path = format!("/admin/{action}");
+        async move {
+            let r = admin_post(server, &path, Some(cookie), csrf.as_deref(), &target).await;
+            r.status().as_u16()
         }
-        let r = request.send().await.unwrap();
-        assert_eq!(r.status(), 403);
+    };
+    for presented in [None, Some("0000".to_owned())] {
+        assert_eq!(act("terminate", target.clone(), presented).await, 403);
     }
     assert!(is_known(&server, &id).await);
-    let r = client
-        .post(admin("/admin/terminate"))
-        .header("cookie", &cookie)
-        .header("x-csrf-token", &csrf)
-        .json(&json!({"instanceId": id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(
+        act("terminate", target.clone(), Some(csrf.clone())).await,
+        200
+    );
     eventually("the instance is gone", WAIT, || async {
         (!is_known(&server, &id).await).then_some(())
     })
@@ -378,21 +381,15 @@ async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
     // reason (409), not a 500.
     let other = server.request("ben").await;
     wait_ready(&server, &other).await;
-    let act = |action: &'static str, id: String| {
-        let request = client
-            .post(admin(&format!("/admin/{action}")))
-            .header("cookie", &cookie)
-            .header("x-csrf-token", &csrf)
-            .json(&json!({"instanceId": id}));
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
-    assert_eq!(act("pause", other.clone()).await, 200);
+    let other_target = json!({"instanceId": other}).to_string();
+    let act = |action: &'static str| act(action, other_target.clone(), Some(csrf.clone()));
+    assert_eq!(act("pause").await, 200);
     assert_eq!(
         common::state_of(&server, &other).await.as_deref(),
         Some("paused")
     );
-    assert_eq!(act("pause", other.clone()).await, 409);
-    assert_eq!(act("resume", other.clone()).await, 200);
+    assert_eq!(act("pause").await, 409);
+    assert_eq!(act("resume").await, 200);
     wait_ready(&server, &other).await;
     let (_, text) = scrape(&server, Some(token)).await;
     for (name, labels) in [
@@ -404,14 +401,14 @@ async fn metrics_and_the_admin_page_need_the_token_and_actions_a_csrf_token() {
     ] {
         assert_eq!(sample(&text, name, &labels), Some(1.0), "{name}: {text}");
     }
-    let r = client
-        .post(admin("/admin/terminate"))
-        .header("cookie", &cookie)
-        .header("x-csrf-token", &csrf)
-        .body("not json")
-        .send()
-        .await
-        .unwrap();
+    let r = admin_post(
+        &server,
+        "/admin/terminate",
+        Some(&cookie),
+        Some(&csrf),
+        "not json",
+    )
+    .await;
     assert_eq!(r.status(), 400);
 }
 

@@ -5,32 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, is_known, is_running, wait_ready, Options, Server};
+use common::{eventually, is_known, is_running, path_with_venv, wait_ready, Options, Server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// PATH with the test virtualenv (where scripts/test.sh installs JupyterLab) first, so that
-/// the jupyter preset's `jupyter-lab` is found as it would be on a laptop.
-fn path_with_venv() -> (String, String) {
-    let venv = std::env::var("RSTUDIO_POOL_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/rstudio-pool-venv",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    let bin = format!("{venv}/bin");
-    assert!(
-        std::path::Path::new(&format!("{bin}/jupyter-lab")).exists(),
-        "no JupyterLab in {bin}: run scripts/test.sh, which installs it"
-    );
-    (
-        "PATH".into(),
-        format!("{bin}:{}", std::env::var("PATH").unwrap_or_default()),
-    )
-}
 
 #[tokio::test]
 async fn two_purposes_keep_their_own_sizes_and_timeouts() {
@@ -270,15 +250,7 @@ async fn the_progress_page_gives_way_to_the_workspace() {
     );
     assert!(!page.contains("usually takes"), "{page}");
     wait_ready(&server, &id).await;
-    let page = server
-        .client()
-        .get(server.proxy_url(&format!("/{id}/")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = server.page(&format!("/{id}/")).await;
     assert!(page.contains(&id), "{page}");
     let (_, body) = server
         .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
@@ -286,15 +258,8 @@ async fn the_progress_page_gives_way_to_the_workspace() {
     assert_eq!(body["ready"], json!(true), "{body}");
     // The next start is measured against the first (its command sleeps 2 s).
     let next = server.request("ben").await;
-    let page = server
-        .client()
-        .get(server.proxy_url(&format!("/{next}/")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (status, page) = server.page(&format!("/{next}/")).await;
+    assert_eq!(status, 503, "the progress page: {page}");
     let usual: u64 = page
         .split("It usually takes about ")
         .nth(1)

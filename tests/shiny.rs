@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::browser::{keys, Browser};
 use common::{is_running, state_of, Options, Server};
-use reqwest::Method;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -76,17 +75,7 @@ async fn record_websocket_sends(browser: &Browser) {
             return send.call(this, data);
         };
     "#;
-    browser
-        .try_command(
-            Method::POST,
-            "/goog/cdp/execute",
-            Some(json!({
-                "cmd": "Page.addScriptToEvaluateOnNewDocument",
-                "params": {"source": source},
-            })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("cannot install the WebSocket recorder: {e}"));
+    browser.add_init_script(source).await;
 }
 
 /// What the page sent on its WebSockets so far.

@@ -180,16 +180,12 @@ impl Admin {
         }
     }
 
-    /// The answer to an admin request without a session.
-    pub fn refused(&self, wants_page: bool) -> Reply {
-        if wants_page {
-            Reply::html(StatusCode::UNAUTHORIZED, login_page(None))
-        } else {
-            Reply::json(
-                StatusCode::UNAUTHORIZED,
-                &json!({"error": "sign in at /admin with the API token first"}),
-            )
-        }
+    /// The answer to an admin request without a session (the page itself shows the form).
+    pub fn refused(&self) -> Reply {
+        Reply::json(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "sign in at /admin with the API token first"}),
+        )
     }
 }
 

@@ -145,11 +145,11 @@ impl CommandApi {
             (b"POST", "/admin/logout", Some(signed)) => {
                 return Route::Admin(AdminPost::Logout(signed))
             }
-            (b"GET" | b"POST", "/admin/state" | "/admin/logout", None) => self.admin.refused(false),
+            (b"GET" | b"POST", "/admin/state" | "/admin/logout", None) => self.admin.refused(),
             (b"GET", "/admin/state", Some(_)) => Reply::json(StatusCode::OK, &self.admin_state()),
             (b"POST", action, signed) if action_of(action).is_some() => {
                 let Some(signed) = signed else {
-                    return Route::Reply(self.admin.refused(false));
+                    return Route::Reply(self.admin.refused());
                 };
                 if !self.admin.csrf_matches(&signed, asked.csrf) {
                     Reply::json(
@@ -582,23 +582,22 @@ impl ApiServer {
         if !matches!(method, "GET" | "POST") || body_len > self.api.max_body_bytes {
             return Some(Plan::Pingora);
         }
-        // One of each header read, or Pingora decides.
-        let one = |name: &str| -> Result<Option<&[u8]>, ()> {
-            let mut found = req
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case(name));
-            let first = found.next().map(|h| h.value);
-            if found.next().is_some() {
-                return Err(());
+        // The headers the route reads, in one pass; any of them twice: Pingora decides.
+        let (mut authorization, mut cookies, mut csrf) = (None, None, None);
+        for header in req.headers.iter() {
+            let slot = if header.name.eq_ignore_ascii_case("authorization") {
+                &mut authorization
+            } else if header.name.eq_ignore_ascii_case("cookie") {
+                &mut cookies
+            } else if header.name.eq_ignore_ascii_case("x-csrf-token") {
+                &mut csrf
+            } else {
+                continue;
+            };
+            if slot.replace(header.value).is_some() {
+                return Some(Plan::Pingora);
             }
-            Ok(first)
-        };
-        let (Ok(authorization), Ok(cookies), Ok(csrf)) =
-            (one("authorization"), one("cookie"), one("x-csrf-token"))
-        else {
-            return Some(Plan::Pingora);
-        };
+        }
         let path = target.split_once('?').map_or(target, |(p, _)| p);
         Some(Plan::Here {
             head_len,

@@ -298,6 +298,16 @@ impl Known {
     }
 }
 
+impl Known {
+    /// When its user last acted, counting the assignment (or, without one, the launch) as an
+    /// action: what idleness is measured from, for the reaper, the admin page and the cost.
+    fn last_action(&self) -> u64 {
+        self.activity
+            .load(Ordering::Relaxed)
+            .max(self.assigned_at.unwrap_or(self.record.launched_at_ms))
+    }
+}
+
 /// The tags that make `user` the owner of an instance, assigned at `now`.
 fn owner_tags(user: &UserId, now: u64) -> Vec<(String, String)> {
     vec![
@@ -1047,10 +1057,7 @@ impl PoolManager {
                         Phase::Terminating => continue,
                         Phase::Ready if instance.owner.is_none() => "free",
                         Phase::Ready => {
-                            let last = st
-                                .known
-                                .get(id)
-                                .map_or(0, |k| k.activity.load(Ordering::Relaxed));
+                            let last = st.known.get(id).map_or(0, Known::last_action);
                             if now.saturating_sub(last) <= ACTIVE_WINDOW_MS {
                                 "assigned_active"
                             } else {
@@ -1081,12 +1088,8 @@ impl PoolManager {
         for (purpose, pool) in &st.pools {
             for (id, instance) in pool.instances() {
                 let known = st.known.get(id);
-                let activity = known.map_or(0, |k| k.activity.load(Ordering::Relaxed));
-                let since_assigned = known.and_then(|k| k.assigned_at);
                 let idle_for_ms = match (&instance.owner, instance.phase) {
-                    (Some(_), Phase::Ready) => {
-                        Some(now.saturating_sub(activity.max(since_assigned.unwrap_or(0))))
-                    }
+                    (Some(_), Phase::Ready) => known.map(|k| now.saturating_sub(k.last_action())),
                     _ => None,
                 };
                 out.push(InstanceSummary {
@@ -1232,10 +1235,7 @@ impl PoolManager {
     /// its process ended, the end of its log), for its user's page, the log and the audit,
     /// and counts the failure against its purpose's launches. `cause` is the metrics' label.
     async fn start_failed(&self, id: &InstanceId, reason: String, cause: &'static str) {
-        let reason = match self.provider.diagnose(id).await {
-            Some(detail) => format!("{reason}: {detail}"),
-            None => reason,
-        };
+        let detail = self.provider.diagnose(id).await;
         let (owner, purpose) = {
             let mut st = self.lock();
             let Some(purpose) = st.known.get(id).map(|k| k.purpose.clone()) else {
@@ -1243,9 +1243,14 @@ impl PoolManager {
             };
             let owner = st.owner(&purpose, id);
             if let Some(breaker) = st.breakers.get_mut(&purpose) {
+                // The short reason: the detail (a log's end) is logged once, below.
                 note_failure(breaker, &purpose, &reason);
             }
             (owner, purpose)
+        };
+        let reason = match detail {
+            Some(detail) => format!("{reason}: {detail}"),
+            None => reason,
         };
         warn!("{id} ({purpose}) failed to start: {reason}");
         metrics()
@@ -1654,7 +1659,7 @@ impl PoolManager {
                 }
                 let timeout = self.purposes[&known.purpose].idle_timeout.as_millis() as u64;
                 let activity = known.activity.load(Ordering::Relaxed);
-                let last = activity.max(known.assigned_at.unwrap_or(known.record.launched_at_ms));
+                let last = known.last_action();
                 if now.saturating_sub(last) > timeout {
                     idle.push((id.clone(), now.saturating_sub(last)));
                 } else if activity > known.saved_activity + save_interval(timeout) {

@@ -640,6 +640,21 @@ impl Browser {
 
     /// Runs `script` with a callback as its last argument (`arguments[arguments.length - 1]`)
     /// and returns what it passes to the callback (30 s at most).
+    /// Runs `source` in every document this browser loads from now on, before the page's
+    /// own scripts (Chromium's `Page.addScriptToEvaluateOnNewDocument`).
+    pub async fn add_init_script(&self, source: &str) {
+        let command = json!({
+            "cmd": "Page.addScriptToEvaluateOnNewDocument",
+            "params": {"source": source},
+        });
+        if let Err(e) = self
+            .try_command(Method::POST, "/goog/cdp/execute", Some(command))
+            .await
+        {
+            self.fail(&format!("cannot add the script: {e}")).await;
+        }
+    }
+
     pub async fn execute_async(&self, script: &str, args: &[Value]) -> Value {
         let body = json!({"script": script, "args": args});
         self.must(

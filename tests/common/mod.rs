@@ -30,6 +30,26 @@ where
     }
 }
 
+/// PATH with the test virtualenv (where scripts/test.sh installs JupyterLab) first, so that
+/// the jupyter preset's `jupyter-lab` is found as it would be on a laptop.
+pub fn path_with_venv() -> (String, String) {
+    let venv = std::env::var("RSTUDIO_POOL_VENV").unwrap_or_else(|_| {
+        format!(
+            "{}/.cache/rstudio-pool-venv",
+            std::env::var("HOME").unwrap_or_default()
+        )
+    });
+    let bin = format!("{venv}/bin");
+    assert!(
+        std::path::Path::new(&format!("{bin}/jupyter-lab")).exists(),
+        "no JupyterLab in {bin}: run scripts/test.sh, which installs it"
+    );
+    (
+        "PATH".into(),
+        format!("{bin}:{}", std::env::var("PATH").unwrap_or_default()),
+    )
+}
+
 pub fn free_port() -> u16 {
     free_ports::<1>()[0]
 }
@@ -162,20 +182,11 @@ impl Server {
         self.dir.join("state")
     }
 
-    async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .unwrap();
+    /// The binary with this server's configuration, the ambient variables that would
+    /// override it removed and the test's own environment set.
+    fn binary(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_rstudio-pool"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        command.arg("-c").arg(&self.config);
         for name in [
             "MIN_FREE_INSTANCES",
             "MAX_INSTANCES",
@@ -193,12 +204,28 @@ impl Server {
             "INSTANCE_PROFILE",
             "KEY_NAME",
             "DEFAULT_URL",
+            "LOG_FORMAT",
         ] {
             command.env_remove(name);
         }
         for (k, v) in &self.options.env {
             command.env(k, v);
         }
+        command
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
+        let mut command = self.binary();
+        command
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.child = Some(command.spawn().unwrap());
         let url = format!("http://{}/healthz", self.api);
         let until = Instant::now() + Duration::from_secs(30);
@@ -255,12 +282,7 @@ impl Server {
     /// Runs the binary with this server's configuration and `args` (e.g. `down`): its exit
     /// status and everything it printed.
     pub fn run_cli(&self, args: &[&str]) -> (std::process::ExitStatus, String) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_rstudio-pool"));
-        command.arg("-c").arg(&self.config).args(args);
-        for (k, v) in &self.options.env {
-            command.env(k, v);
-        }
-        let out = command.output().unwrap();
+        let out = self.binary().args(args).output().unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -338,6 +360,13 @@ impl Server {
             .unwrap()
             .trim_start_matches("http://")
             .to_owned()
+    }
+
+    /// `GET path` through the proxy, without credentials: the status and the body.
+    pub async fn page(&self, path: &str) -> (u16, String) {
+        let r = self.client.get(self.proxy_url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
     }
 
     pub fn proxy_url(&self, path: &str) -> String {
