@@ -202,6 +202,15 @@ async fn other_paths_go_to_the_default_url() {
     })
     .await;
     assert_eq!(text, "landed\n");
+    // The load balancer's health check is the proxy's own, not the default upstream's.
+    let r = server
+        .client()
+        .get(server.proxy_url("/.rstudio-pool/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok\n");
 }
 
 #[tokio::test]

@@ -311,6 +311,30 @@ async fn redirect(session: &mut Session, location: &str, set_cookie: Option<&str
 const RETRY_PATH: &str = "/.rstudio-pool/retry";
 /// The path, under an instance, that resumes it when paused.
 const RESUME_PATH: &str = "/.rstudio-pool/resume";
+/// The proxy's own health check, outside every instance (a load balancer's target check).
+pub const HEALTH_PATH: &str = "/.rstudio-pool/healthz";
+
+/// The answer to [`HEALTH_PATH`]: the proxy is up and answers. It says whether the pool has
+/// been rebuilt from the provider yet, but answers 200 either way: the proxy serves the
+/// instances it knows meanwhile, and a load balancer must not take the only host away for it.
+async fn health(session: &mut Session, recovered: bool) -> Result<bool> {
+    let body = if recovered {
+        "ok\n"
+    } else {
+        "ok (recovering)\n"
+    };
+    let mut header = ResponseHeader::build(200, Some(3))?;
+    header.insert_header("content-type", "text/plain; charset=utf-8")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("cache-control", "no-store")?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await?;
+    Ok(true)
+}
 
 /// Whether a request comes from a page of the same origin, as far as the browser says: its
 /// `Sec-Fetch-Site` is `same-origin` and its `Origin` names the host it was sent to, when
@@ -935,6 +959,9 @@ impl EdgeProxy {
                     None => format!("/{id}/"),
                 };
                 return redirect(session, &location, None).await;
+            }
+            (None, Target::Other) if full_path == HEALTH_PATH => {
+                return health(session, self.manager.is_recovered()).await;
             }
             (None, Target::Other) => {
                 return match &self.config.default_url {
