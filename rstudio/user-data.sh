@@ -1,10 +1,12 @@
 #!/bin/bash
 # User data of an rstudio-pool EC2 workspace: runs once, as root, at first boot.
 # Installs docker, signs in to the registry, and runs the purpose's image so that a reboot
-# brings it back. Works on Amazon Linux 2023 (dnf), Amazon Linux 2 (yum) and Ubuntu 22.04 and
-# 24.04 (apt-get). Rendered by rstudio-pool: {{image}}, {{port}}, {{container_port}},
-# {{registry}}, {{region}}, {{docker_args}}, {{container_command}} are filled in; the result
-# must stay under 16 KB. The container command may use ${INSTANCE_ID} (JupyterLab's base URL).
+# brings it back. What the AMI already has is skipped: on an AMI baked by rstudio/bake.sh
+# (docker and the image on it) nothing is installed, signed in to or pulled. Works on Amazon
+# Linux 2023 (dnf), Amazon Linux 2 (yum) and Ubuntu 22.04 and 24.04 (apt-get). Rendered by
+# rstudio-pool: {{image}}, {{port}}, {{container_port}}, {{registry}}, {{region}},
+# {{docker_args}}, {{container_command}} are filled in; the result must stay under 16 KB.
+# The container command may use ${INSTANCE_ID} (JupyterLab's base URL).
 set -euxo pipefail
 
 # Installs packages with this distribution's package manager.
@@ -28,8 +30,11 @@ if ! command -v docker >/dev/null 2>&1; then
 fi
 systemctl enable --now docker
 
+# An image already present (baked into the AMI) is used as it is: no sign-in, no pull.
+if docker image inspect "{{image}}" >/dev/null 2>&1; then PULL=no; else PULL=yes; fi
+
 REGISTRY="{{registry}}"
-if [ -n "$REGISTRY" ]; then
+if [ "$PULL" = yes ] && [ -n "$REGISTRY" ]; then
   # The pull signs in with the instance role (IMDSv2; the hop limit of 1 keeps the role out
   # of the container's reach). An AWS CLI on the image (Amazon Linux has one) signs in
   # directly; elsewhere Amazon's ECR credential helper does, which every supported
@@ -53,6 +58,8 @@ INSTANCE_ID=$(curl -sS -H "X-aws-ec2-metadata-token: $IMDS_TOKEN" \
   http://169.254.169.254/latest/meta-data/instance-id)
 export INSTANCE_ID
 
-docker pull "{{image}}"
+if [ "$PULL" = yes ]; then
+  docker pull "{{image}}"
+fi
 docker run -d --name workspace --restart unless-stopped \
   -p {{port}}:{{container_port}} {{docker_args}} "{{image}}" {{container_command}}
