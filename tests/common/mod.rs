@@ -87,6 +87,9 @@ pub struct Options {
     pub pool_yaml: String,
     /// Whether `start` waits until the pool was rebuilt from the provider.
     pub wait_recovered: bool,
+    /// A whole configuration file of the caller's instead of the generated one; the test's
+    /// ports are given to it as `API_LISTEN` (on all addresses) and `PORT`.
+    pub config_yaml: Option<String>,
 }
 
 impl Default for Options {
@@ -105,6 +108,7 @@ impl Default for Options {
             env: Vec::new(),
             pool_yaml: String::new(),
             wait_recovered: true,
+            config_yaml: None,
         }
     }
 }
@@ -147,6 +151,10 @@ impl Server {
 
     fn write_config(&self) {
         let o = &self.options;
+        if let Some(yaml) = &o.config_yaml {
+            std::fs::write(&self.config, yaml).unwrap();
+            return;
+        }
         let yaml = format!(
             "version: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n\
              pool:\n  name: {pool}\n  min_free_instances: {min}\n  max_instances: {max}\n  ready_timeout_seconds: {ready}\n  reconcile_interval_ms: 200\n{pool_extra}\
@@ -207,6 +215,11 @@ impl Server {
             "LOG_FORMAT",
         ] {
             command.env_remove(name);
+        }
+        if self.options.config_yaml.is_some() {
+            command
+                .env("API_LISTEN", format!("0.0.0.0:{}", self.api.port()))
+                .env("PORT", self.proxy.port().to_string());
         }
         for (k, v) in &self.options.env {
             command.env(k, v);
