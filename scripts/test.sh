@@ -16,7 +16,13 @@ if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/jupyter-lab" ]; then
     python3 -m venv "$VENV"
   }
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q 'moto[server,ec2]>=5,<6' 'jupyterlab>=4,<5'
+  "$VENV/bin/pip" install -q 'moto[server,ec2]>=5,<6' 'jupyterlab>=4,<5' 'cfn-lint==1.58.0'
+fi
+# The AWS deployment is linted with cfn-lint (pinned: new rules must not turn CI red), created in moto's CloudFormation, and torn
+# down with the AWS CLI (both into the same virtualenv, also when it predates them).
+if [ ! -x "$VENV/bin/cfn-lint" ] || [ ! -x "$VENV/bin/aws" ]; then
+  echo "setup: installing cfn-lint and the AWS CLI into $VENV" >&2
+  "$VENV/bin/pip" install -q 'cfn-lint==1.58.0' 'awscli>=1.40,<2'
 fi
 export MOTO_SERVER="$VENV/bin/moto_server"
 

@@ -961,3 +961,75 @@ async fn the_host_role_can_touch_only_its_own_pools_instances() {
     );
     assert!(checked > 100, "{checked} requests");
 }
+
+/// `deploy/teardown.sh` leaves no instance of the pool behind (running, paused or starting),
+/// touches no other pool's, and deletes the stack: with the AWS CLI against the same moto.
+#[tokio::test]
+async fn teardown_terminates_the_pools_instances_then_deletes_the_stack() {
+    let d = deploy().await;
+    let ours = [
+        d.moto
+            .run_tagged(&[("rstudio-pool", POOL), ("Purpose", "rstudio")])
+            .await,
+        d.moto
+            .run_tagged(&[
+                ("rstudio-pool", POOL),
+                ("Purpose", "rstudio"),
+                ("userId", "ana"),
+            ])
+            .await,
+        d.moto
+            .run_tagged(&[("rstudio-pool", POOL), ("Purpose", "jupyter")])
+            .await,
+    ];
+    // A paused one: its volume holds a user's work, and it holds the workspace group too.
+    d.moto
+        .client
+        .stop_instances()
+        .instance_ids(&ours[1])
+        .send()
+        .await
+        .unwrap();
+    let theirs = d.moto.run_tagged(&[("rstudio-pool", "finance")]).await;
+
+    let stack = format!("rstudio-pool-{POOL}");
+    let path = format!(
+        "{}:{}",
+        venv_bin("aws").parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(repo("deploy/teardown.sh"))
+        .arg(&stack)
+        .env("PATH", path)
+        .env("AWS_ENDPOINT_URL", &d.moto.endpoint)
+        .env("AWS_DEFAULT_REGION", common::moto::REGION)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "teardown failed:\n{said}");
+    assert!(said.contains("terminating 3 instance(s)"), "{said}");
+
+    for id in &ours {
+        assert_eq!(d.moto.state_of(id).await, "terminated", "{id}");
+    }
+    assert_eq!(d.moto.state_of(&theirs).await, "running");
+    assert!(d
+        .moto
+        .instances(POOL, &["pending", "running", "stopping", "stopped"])
+        .await
+        .is_empty());
+    let listed = Command::new(venv_bin("python"))
+        .args([
+            "-c",
+            "import boto3,sys; c=boto3.client('cloudformation', region_name='us-east-1', endpoint_url=sys.argv[1], aws_access_key_id='t', aws_secret_access_key='t'); print(' '.join(s['StackName'] for s in c.list_stacks(StackStatusFilter=['CREATE_COMPLETE'])['StackSummaries']))",
+            &d.moto.endpoint,
+        ])
+        .output()
+        .unwrap();
+    let live = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success());
+    assert!(!live.contains(&stack), "still there: {live}");
+}
