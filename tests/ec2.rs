@@ -411,3 +411,40 @@ async fn each_purpose_launches_its_own_image_and_port() {
         Some("t3.small")
     );
 }
+
+/// Right after a restart the pool is rebuilt from EC2's listings, which may fail for a while:
+/// a workspace it has not found again yet gets a page that reloads itself (503), not "shut
+/// down" (404).
+#[tokio::test]
+async fn a_workspace_not_yet_found_again_after_a_restart_is_503_not_gone() {
+    let s = setup().await;
+    let mut opts = options(&s, "pool-r", 0, 2);
+    opts.wait_recovered = false;
+    let mut server = Server::start(opts).await;
+    let recovered = |server: &Server| {
+        let url = format!("http://{}/healthz", server.api);
+        let client = server.client().clone();
+        async move {
+            let v: serde_json::Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            v["recovered"].as_bool()
+        }
+    };
+    eventually("the pool is rebuilt", WAIT, || async {
+        (recovered(&server).await == Some(true)).then_some(())
+    })
+    .await;
+    let id = server.request("ana").await;
+    wait_ready(&server, &id).await;
+
+    // EC2's listing is down while the pool restarts: it cannot find its instances yet.
+    s.moto
+        .ec2
+        .set(|r| r.refuse = Some(("DescribeInstances", "Unavailable")));
+    server.restart().await;
+    let (status, body) = server.page(&format!("/{id}/")).await;
+    assert_eq!(recovered(&server).await, Some(false), "rebuilt without a listing");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("Reconnecting to your workspace"), "{body}");
+    s.moto.ec2.set(|r| r.refuse = None);
+    wait_ready(&server, &id).await;
+}

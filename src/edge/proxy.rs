@@ -987,6 +987,18 @@ impl EdgeProxy {
                     self.failed(session, &id, &failure, prefixed, rest, query.as_deref())
                         .await
                 }
+                // Just started: the pool is still being rebuilt from the provider, and this
+                // workspace may well be one of those it has not taken back yet.
+                None if !self.manager.is_recovered() => {
+                    page(
+                        session,
+                        503,
+                        "Reconnecting to your workspace",
+                        "The proxy has just restarted and is finding the workspaces again; your work is kept. This page reloads itself.",
+                        Some(2),
+                    )
+                    .await
+                }
                 None => page(session, 404, "Workspace not found", not_found, None).await,
             };
         };
