@@ -442,7 +442,11 @@ async fn a_workspace_not_yet_found_again_after_a_restart_is_503_not_gone() {
         .set(|r| r.refuse = Some(("DescribeInstances", "Unavailable")));
     server.restart().await;
     let (status, body) = server.page(&format!("/{id}/")).await;
-    assert_eq!(recovered(&server).await, Some(false), "rebuilt without a listing");
+    assert_eq!(
+        recovered(&server).await,
+        Some(false),
+        "rebuilt without a listing"
+    );
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("Reconnecting to your workspace"), "{body}");
     s.moto.ec2.set(|r| r.refuse = None);
