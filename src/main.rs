@@ -8,9 +8,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{RunArgs, Server};
-use pingora_core::services::background::background_service;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{ExecutionPhase, RunArgs, Server};
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
+use pingora_core::services::ServiceReadyNotifier;
 
 use rstudio_pool::api::{ApiServer, CommandApi};
 use rstudio_pool::config::{AuthConfig, Config, ProviderConfig};
@@ -20,7 +22,7 @@ use rstudio_pool::edge::proxy::EdgeProxy;
 use rstudio_pool::edge::Edge;
 use rstudio_pool::manager::background::Reconciler;
 use rstudio_pool::manager::links::UserLinks;
-use rstudio_pool::manager::PoolManager;
+use rstudio_pool::manager::{lock_state, PoolManager};
 use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::metered::Metered;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
@@ -181,7 +183,21 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
         conf: None,
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf);
+    // With -u this waits until the running version hands its listening sockets over.
     server.bootstrap();
+    // One manager per pool: the old version gives the lock up when it hands over (below);
+    // a second rstudio-pool started by mistake on the same state folder is refused.
+    let wait = if cli.upgrade { 30 } else { 2 };
+    let lock = lock_state(&config.state_dir, std::time::Duration::from_secs(wait))
+        .unwrap_or_else(|e| fail(&format!("cannot start: {e}")));
+    manager.hold_state_lock(lock);
+    server.add_service(background_service(
+        "hand-over on upgrade",
+        HandOver {
+            manager: Arc::clone(&manager),
+            phases: std::sync::Mutex::new(Some(server.watch_execution_phase())),
+        },
+    ));
 
     let mut api = Service::new(
         "command API".to_owned(),
@@ -199,12 +215,12 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
     );
     server.add_service(api);
 
-    server.add_service(background_service(
+    let reconciler = server.add_service(background_service(
         "pool manager",
-        Reconciler {
+        FirstRoundFirst(Reconciler {
             manager: Arc::clone(&manager),
             interval: config.reconcile_interval,
-        },
+        }),
     ));
 
     let edge = EdgeProxy::new(
@@ -223,7 +239,13 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
         ListenerConfig::tcp(config.proxy.listen.to_string())
             .l4_buffer(L4BufferSettings::default().read(0)),
     );
-    server.add_service(proxy);
+    let proxy = server.add_service(proxy);
+    if cli.upgrade {
+        // Taking over from a running rstudio-pool, which goes on accepting for 5 s (and the
+        // kernel queues connections after that): the edge starts once this process knows
+        // the pool, so that no request meets a pool that does not know its instances yet.
+        proxy.add_dependency(&reconciler);
+    }
 
     let json = config.log_format == rstudio_pool::audit::LogFormat::Json;
     // Under `log.format: json` everything the process writes is a JSON line: one log record.
@@ -270,6 +292,65 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
         ));
     }
     std::process::exit(0);
+}
+
+/// The reconcile loop, ready for the services that wait on it once the pool has been rebuilt
+/// from the provider and the instances found there probed (its first complete round), or
+/// after [`FIRST_ROUND_WAIT`] whatever happened.
+struct FirstRoundFirst(Reconciler);
+
+const FIRST_ROUND_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[async_trait::async_trait]
+impl BackgroundService for FirstRoundFirst {
+    async fn start_with_ready_notifier(
+        &self,
+        shutdown: ShutdownWatch,
+        ready_notifier: ServiceReadyNotifier,
+    ) {
+        let (done, first_round) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(FIRST_ROUND_WAIT, first_round).await;
+            ready_notifier.notify_ready();
+        });
+        let manager = &self.0.manager;
+        manager.reconcile().await;
+        while !manager.is_recovered() && !*shutdown.borrow() {
+            tokio::time::sleep(self.0.interval).await;
+            manager.reconcile().await;
+        }
+        let _ = done.send(());
+        self.0.start(shutdown).await;
+    }
+}
+
+/// Hands the pool over when a graceful upgrade begins (`SIGQUIT`, a new version started with
+/// `-u` waiting for the listening sockets): from then on only the new process assigns.
+struct HandOver {
+    manager: Arc<PoolManager>,
+    phases: std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for HandOver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().ok().and_then(|mut p| p.take()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => {
+                        self.manager.hand_over();
+                        return;
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// `rstudio-pool down`: terminates every instance of the pool and clears its records.

@@ -438,7 +438,8 @@ fn manager_error(e: ManagerError) -> (StatusCode, Value) {
         | ManagerError::LaunchesPaused(_)
         | ManagerError::ResumeFailed(_)
         | ManagerError::Recording(_)
-        | ManagerError::Recovering => StatusCode::SERVICE_UNAVAILABLE,
+        | ManagerError::Recovering
+        | ManagerError::HandingOver => StatusCode::SERVICE_UNAVAILABLE,
         ManagerError::NotPausable(_) => StatusCode::CONFLICT,
     };
     let message = match &e {

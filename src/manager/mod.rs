@@ -94,6 +94,8 @@ pub enum ManagerError {
     Recovering,
     #[error("{0}")]
     NotPausable(String),
+    #[error("this rstudio-pool is handing the pool over to its new version (a graceful upgrade); retry in a second, the new one answers")]
+    HandingOver,
 }
 
 /// One instance as the admin page lists it.
@@ -444,6 +446,12 @@ pub struct PoolManager {
     synced: watch::Sender<u64>,
     /// Warm-up launches under way at once, at most.
     warmups: tokio::sync::Semaphore,
+    /// The lock on the state folder that makes this the only manager of the pool, given up
+    /// on a hand-over.
+    state_lock: std::sync::Mutex<Option<std::fs::File>>,
+    /// Set once a graceful upgrade began: the new process manages the pool from now on, and
+    /// this one changes nothing (no assignment, no reconcile round).
+    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl PoolManager {
@@ -504,6 +512,8 @@ impl PoolManager {
             recovered: watch::channel(false).0,
             synced: watch::channel(0).0,
             warmups: tokio::sync::Semaphore::new(WARMUPS_AT_ONCE),
+            state_lock: std::sync::Mutex::new(None),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -561,6 +571,7 @@ impl PoolManager {
         purpose: &str,
     ) -> Result<Assignment, ManagerError> {
         self.purpose(purpose)?;
+        self.check_not_handing_over()?;
         let started = std::time::Instant::now();
         let mut served = None;
         let result = self.request_rounds(user, purpose, &mut served).await;
@@ -1296,8 +1307,36 @@ impl PoolManager {
         }
     }
 
+    /// Keeps the state folder's lock (see [`lock_state`]) for as long as this manager runs
+    /// the pool.
+    pub fn hold_state_lock(&self, lock: std::fs::File) {
+        *self.state_lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+    }
+
+    /// A graceful upgrade began: from now on the new process runs the pool. This one stops
+    /// assigning, deleting and reconciling, and gives up the state folder's lock, which the
+    /// new one waits for before it rebuilds the pool, so that two managers never assign at
+    /// once. The proxy goes on serving the connections it has.
+    pub fn hand_over(&self) {
+        self.handing_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        log::info!("handing the pool over to the new process: no more assignments here");
+    }
+
+    fn check_not_handing_over(&self) -> Result<(), ManagerError> {
+        if self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ManagerError::HandingOver);
+        }
+        Ok(())
+    }
+
     /// `DELETE`: terminates the instance; the pool tops up afterwards.
     pub async fn delete(&self, id: &InstanceId) -> Result<(), ManagerError> {
+        self.check_not_handing_over()?;
         self.wait_recovered().await?;
         self.terminate(id, End::Deleted).await
     }
@@ -1620,6 +1659,9 @@ impl PoolManager {
     /// One round: sync with the provider, probe launching instances, retire the ones that
     /// never got ready, retry failed terminations, top up.
     pub async fn reconcile(self: &Arc<Self>) {
+        if self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if !self.is_recovered() {
             if let Err(e) = self.recover().await {
                 error!(
@@ -2147,6 +2189,43 @@ fn paused_message(purpose: &str, refusal: &Refusal) -> String {
 /// After a restart an instance may be culled up to this much early.
 fn save_interval(timeout_ms: u64) -> u64 {
     (timeout_ms / 10).clamp(1000, 60_000)
+}
+
+/// Takes the exclusive lock on `STATE_DIR/pool.lock`, waiting up to `wait` for a process that
+/// holds it (the old version during a graceful upgrade, which gives it up when it hands
+/// over). Two rstudio-pools on one state folder would both assign the same instances: the
+/// second is refused with the holder's process id.
+pub fn lock_state(state_dir: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
+    let path = state_dir.join("pool.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let until = std::time::Instant::now() + wait;
+    // SAFETY: flock on a descriptor this function owns.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() >= until {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(format!(
+                "another rstudio-pool (pid {}) runs the pool of {}: stop it first, or take over from it with -u",
+                holder.trim(),
+                state_dir.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
 }
 
 #[cfg(test)]

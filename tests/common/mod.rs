@@ -637,3 +637,67 @@ impl Raw {
 pub mod browser;
 pub mod ec2sim;
 pub mod moto;
+
+// ---- A second process over the same configuration (tests/upgrade.rs) ----
+
+impl Server {
+    /// `start`, with the generated configuration passed through `edit` (given the server's
+    /// folder) before the server starts: for keys the generated file sets already, such as
+    /// Pingora's `grace_period_seconds`.
+    pub async fn start_edited(
+        options: Options,
+        edit: impl FnOnce(&Path, String) -> String,
+    ) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let [api_port, proxy_port] = free_ports();
+        let mut server = Server {
+            child: None,
+            api: SocketAddr::from(([127, 0, 0, 1], api_port)),
+            proxy: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
+            config: dir.join("rstudio-pool.yaml"),
+            dir,
+            options,
+            _tmp: Some(tmp),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        };
+        server.write_config();
+        let text = std::fs::read_to_string(&server.config).unwrap();
+        std::fs::write(&server.config, edit(&server.dir, text)).unwrap();
+        server.spawn().await;
+        server
+    }
+
+    /// The id of the server's process, while it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts another process of the binary with this server's configuration and environment
+    /// and `args` added (`-u`), its output appended to `log` in the server's folder. It is not
+    /// waited for: with `-u` it waits for the running process's listening sockets.
+    pub fn spawn_another(&self, args: &[&str], log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))
+            .unwrap();
+        let mut command = self.binary();
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        command.spawn().unwrap()
+    }
+
+    /// Makes `child` this server's process (the one `kill9` and dropping end) and hands back
+    /// the one it had.
+    pub fn swap_child(&mut self, child: Option<Child>) -> Option<Child> {
+        std::mem::replace(&mut self.child, child)
+    }
+}
