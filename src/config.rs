@@ -1527,6 +1527,43 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_are_checked_at_start_and_a_redirect_needs_them() {
+        let none = env_of(&[]);
+        let err = Config::from_yaml(
+            "proxy:\n  tls:\n    cert: /nonexistent/cert.pem\n    key: /nonexistent/key.pem\n",
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("proxy.tls") && err.contains("/nonexistent/cert.pem"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        let yaml = format!(
+            "proxy:\n  tls:\n    cert: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        let err = Config::from_yaml(&yaml, &none).unwrap_err().to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let err = Config::from_yaml("proxy:\n  redirect_http: 0.0.0.0:80\n", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.redirect_http") && err.contains("proxy.tls"),
+            "{err}"
+        );
+        let err = Config::from_yaml("proxy:\n  tls:\n    cert: a\n", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key"), "{err}");
+    }
+
+    #[test]
     fn the_ec2_provider_checks_what_it_needs() {
         let base = [
             ("PROVIDER", "ec2"),
