@@ -358,3 +358,37 @@ async fn plain_http_is_redirected_to_https() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn links_over_tls_are_https_and_their_session_cookies_secure() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key, _) = ca.issue(&["localhost", "127.0.0.1"], false);
+    let (cert_path, key_path) = install(dir.path(), &chain, &key);
+    let server = Server::start(Options {
+        auth_yaml: Some(
+            "auth:\n  mode: token\n  secrets: [\"a-secret-of-sixteen-or-more\"]\n".into(),
+        ),
+        extra_yaml: tls_yaml(&cert_path, &key_path),
+        ..Options::default()
+    })
+    .await;
+    let (status, body) = server
+        .command("REQUEST_RSTUDIO", json!({"userId": "ana"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let link = body["url"].as_str().unwrap();
+    assert!(
+        link.starts_with(&format!("https://127.0.0.1:{}/", server.proxy.port())),
+        "{link}"
+    );
+    let r = client(&ca, &server, "localhost", false)
+        .get(link)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 302);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("; Secure"), "{cookie}");
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+}
