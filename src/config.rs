@@ -205,6 +205,16 @@ struct ProxySection {
     websocket_idle_timeout_ms: u64,
     upstream_connect_timeout_ms: u64,
     host_domain: Option<String>,
+    tls: Option<TlsSection>,
+    redirect_http: Option<String>,
+}
+
+/// `proxy.tls`: the certificate the proxy presents.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl Default for ProxySection {
@@ -224,6 +234,8 @@ impl Default for ProxySection {
             websocket_idle_timeout_ms: 86_400_000,
             upstream_connect_timeout_ms: 5_000,
             host_domain: None,
+            tls: None,
+            redirect_http: None,
         }
     }
 }
@@ -351,6 +363,17 @@ pub struct ProxyConfig {
     /// Host routing: `i-<id>.<host_domain>` reaches instance `i-<id>` at its root, each
     /// workspace in its own browser origin.
     pub host_domain: Option<String>,
+    /// TLS on the proxy's listener: the certificate chain and key files (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Where plain HTTP is answered with a redirect to the HTTPS proxy (with TLS only).
+    pub redirect_http: Option<SocketAddr>,
+}
+
+/// The certificate chain and private key the proxy presents (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Who may reach an instance through the proxy.
@@ -744,7 +767,47 @@ fn build(
             }
             url.trim_end_matches('/').to_owned()
         }
+        None if file.proxy.tls.is_some() => format!("https://{proxy_listen}"),
         None => format!("http://{proxy_listen}"),
+    };
+    let tls = match file.proxy.tls {
+        Some(section) => {
+            // Checked now, so that `-t` and a start say what is wrong with the files.
+            crate::tls::read(&section.cert, &section.key)
+                .map_err(|problem| invalid("proxy.tls", None, problem))?;
+            Some(TlsFiles {
+                cert: section.cert,
+                key: section.key,
+            })
+        }
+        None => None,
+    };
+    let redirect_http = match file.proxy.redirect_http.filter(|r| !r.is_empty()) {
+        None => None,
+        Some(_) if tls.is_none() => {
+            return Err(invalid(
+                "proxy.redirect_http",
+                None,
+                "redirects to HTTPS need `proxy.tls` (the proxy's certificate)",
+            ))
+        }
+        Some(addr) => {
+            let parsed: SocketAddr = addr.parse().map_err(|_| {
+                invalid(
+                    "proxy.redirect_http",
+                    None,
+                    format!("`{addr}` is not host:port with an IP address, like 0.0.0.0:80"),
+                )
+            })?;
+            if parsed.port() == proxy_listen.port() && overlap(parsed.ip(), proxy_listen.ip()) {
+                return Err(invalid(
+                    "proxy.redirect_http",
+                    None,
+                    format!("the redirect and the proxy ({proxy_listen}) cannot share {parsed}"),
+                ));
+            }
+            Some(parsed)
+        }
     };
     let default_url = match &file.proxy.default_url {
         Some(url) if !url.is_empty() => Some(
@@ -1042,6 +1105,8 @@ fn build(
                 file.proxy.upstream_connect_timeout_ms.max(1),
             ),
             host_domain,
+            tls,
+            redirect_http,
         },
         purposes,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
@@ -1459,6 +1524,43 @@ mod tests {
         assert!(DefaultUrl::parse("http://").is_err());
         let err = Config::from_yaml("", &env_of(&[("DEFAULT_URL", "intranet")])).unwrap_err();
         assert!(err.to_string().contains("DEFAULT_URL"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_and_a_redirect_needs_them() {
+        let none = env_of(&[]);
+        let err = Config::from_yaml(
+            "proxy:\n  tls:\n    cert: /nonexistent/cert.pem\n    key: /nonexistent/key.pem\n",
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("proxy.tls") && err.contains("/nonexistent/cert.pem"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&key, "not a key").unwrap();
+        let yaml = format!(
+            "proxy:\n  tls:\n    cert: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        let err = Config::from_yaml(&yaml, &none).unwrap_err().to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let err = Config::from_yaml("proxy:\n  redirect_http: 0.0.0.0:80\n", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy.redirect_http") && err.contains("proxy.tls"),
+            "{err}"
+        );
+        let err = Config::from_yaml("proxy:\n  tls:\n    cert: a\n", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key"), "{err}");
     }
 
     #[test]

@@ -11,3 +11,4 @@ pub mod http1;
 pub mod manager;
 pub mod metrics;
 pub mod provider;
+pub mod tls;

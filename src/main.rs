@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::ShutdownWatch;
@@ -19,6 +20,7 @@ use rstudio_pool::config::{AuthConfig, Config, ProviderConfig};
 use rstudio_pool::core::token::Signer;
 use rstudio_pool::demo::{self, DemoOptions};
 use rstudio_pool::edge::proxy::EdgeProxy;
+use rstudio_pool::edge::redirect::RedirectToHttps;
 use rstudio_pool::edge::Edge;
 use rstudio_pool::manager::background::Reconciler;
 use rstudio_pool::manager::links::UserLinks;
@@ -27,6 +29,7 @@ use rstudio_pool::provider::ec2::Ec2Provider;
 use rstudio_pool::provider::metered::Metered;
 use rstudio_pool::provider::process::{CommandTemplate, ProcessProvider};
 use rstudio_pool::provider::Provider;
+use rstudio_pool::tls::{CertStore, CertWatch};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -235,16 +238,36 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
     // No 64 KiB read buffer in front of each connection: Pingora's HTTP session reads into
     // its own buffer anyway, so the L4 one only added a copy of every request, and a
     // WebSocket held it for hours.
-    proxy.add_listener(
-        ListenerConfig::tcp(config.proxy.listen.to_string())
-            .l4_buffer(L4BufferSettings::default().read(0)),
-    );
+    let mut listener = ListenerConfig::tcp(config.proxy.listen.to_string())
+        .l4_buffer(L4BufferSettings::default().read(0));
+    if let Some(files) = &config.proxy.tls {
+        let store = CertStore::load(&files.cert, &files.key)
+            .unwrap_or_else(|e| fail(&format!("invalid configuration: proxy.tls: {e}")));
+        // Intermediate settings (TLS 1.2 and 1.3), the certificate from the store, which
+        // loads it again when its files change; HTTP/2 offered by ALPN, HTTP/1.1 kept.
+        let mut settings = TlsSettings::intermediate("", "")
+            .unwrap_or_else(|e| fail(&format!("cannot set up TLS: {e}")));
+        settings.set_cert_resolver(store.clone());
+        settings.enable_h2();
+        listener = listener.tls(settings);
+        server.add_service(background_service("certificate watch", CertWatch(store)));
+    }
+    proxy.add_listener(listener);
     let proxy = server.add_service(proxy);
     if cli.upgrade {
         // Taking over from a running rstudio-pool, which goes on accepting for 5 s (and the
         // kernel queues connections after that): the edge starts once this process knows
         // the pool, so that no request meets a pool that does not know its instances yet.
         proxy.add_dependency(&reconciler);
+    }
+    if let Some(addr) = config.proxy.redirect_http {
+        let mut redirect = Service::new(
+            "redirect to HTTPS".to_owned(),
+            RedirectToHttps::new(&config.proxy.public_url),
+        );
+        redirect.threads = Some(1);
+        redirect.add_tcp(&addr.to_string());
+        server.add_service(redirect);
     }
 
     let json = config.log_format == rstudio_pool::audit::LogFormat::Json;

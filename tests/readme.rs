@@ -18,8 +18,10 @@ fn expected_keys(yaml_path: &[&str]) -> BTreeSet<String> {
         .nth(1)
         .or_else(|| err.split("expected ").nth(1))
         .unwrap_or_else(|| panic!("no list of fields in: {err}"));
-    list.split(',')
-        .filter_map(|f| f.split('`').nth(1))
+    // "`a`, `b`" or "`a` or `b`": every name between backticks.
+    list.split('`')
+        .skip(1)
+        .step_by(2)
         .map(str::to_owned)
         .collect()
 }
@@ -43,12 +45,13 @@ fn the_configuration_table_matches_the_code() {
         (vec!["provider", "ec2"], "provider.ec2"),
         (vec!["api"], "api"),
         (vec!["proxy"], "proxy"),
+        (vec!["proxy", "tls"], "proxy.tls"),
         (vec!["auth"], "auth"),
         (vec!["log"], "log"),
         (vec!["purposes", "rstudio"], "purposes.<name>"),
     ] {
         for key in expected_keys(&section) {
-            if prefix == "provider" && key == "ec2" {
+            if (prefix == "provider" && key == "ec2") || (prefix == "proxy" && key == "tls") {
                 continue;
             }
             code.insert(format!("{prefix}.{key}"));

@@ -12,6 +12,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::http1::answer::Answer;
+use crate::http1::client::ClientStream;
 use crate::http1::conn::{Connection, Exchange, Failure, Outcome};
 use crate::http1::request::{idempotent, plain_request, PlainRequest};
 use crate::metrics::{metrics, ProxyPath};
@@ -46,7 +47,11 @@ pub(super) enum Done {
 
 /// Carries the planned request (`conn.out` holds its rewritten head) to the workspace and
 /// its answer back.
-pub(super) async fn forward(conn: &mut Connection, proxy: &EdgeProxy, job: Forward) -> Done {
+pub(super) async fn forward<C: ClientStream>(
+    conn: &mut Connection<C>,
+    proxy: &EdgeProxy,
+    job: Forward,
+) -> Done {
     let config = proxy.config();
     let total = job.head_len + job.body_len;
     if !conn.read_to(total, config.downstream_read_timeout).await {
@@ -137,8 +142,8 @@ pub(super) fn rewrite_head(
 
 /// Answers with the proxy's page for a workspace that could not be reached or gave a broken
 /// answer (502), or did not take the connection in time (504); the connection closes.
-pub(super) async fn failed(
-    conn: &mut Connection,
+pub(super) async fn failed<C: ClientStream>(
+    conn: &mut Connection<C>,
     id: &impl std::fmt::Display,
     status: u16,
     failure: Failure,

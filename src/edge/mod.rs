@@ -1,5 +1,7 @@
-//! The edge listener's connection handler. [`Edge`] reads each request head of a plain-TCP
-//! connection itself and decides, through [`EdgeProxy::admit`], where it goes:
+//! The edge listener's connection handler. [`Edge`] reads each request head of a connection
+//! itself, plain TCP or HTTP/1.1 over TLS alike (after the handshake a TLS connection is a
+//! byte stream like any other; HTTP/2, chosen by ALPN, is Pingora's), and decides, through
+//! [`EdgeProxy::admit`], where it goes:
 //!
 //! - a plain request that the proxy would let straight through (a ready instance, its owner
 //!   signed in) and that is simple to carry (HTTP/1.1, a body of known, small length) is
@@ -21,13 +23,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use pingora_core::apps::ServerApp;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{GetSocketDigest, Stream};
+use pingora_core::protocols::tls::TlsStream;
+use pingora_core::protocols::{GetSocketDigest, Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::HttpProxy;
 use tokio::io::AsyncWriteExt;
 
 pub mod forward;
 pub mod proxy;
+pub mod redirect;
 mod spent;
 pub mod tunnel;
 
@@ -35,6 +39,7 @@ use forward::{Done, Forward};
 use proxy::{Destination, EdgeProxy};
 use tunnel::Handshake;
 
+use crate::http1::client::{ClientStream, Rewound};
 use crate::http1::conn::{Connection, Limits};
 use crate::http1::MAX_HEADERS;
 use crate::provider::process::now_ms;
@@ -108,7 +113,11 @@ impl Edge {
         None
     }
 
-    async fn serve(self: &Arc<Self>, client: Box<L4Stream>, shutdown: &ShutdownWatch) {
+    async fn serve<C: ClientStream + GetSocketDigest>(
+        self: &Arc<Self>,
+        client: Box<C>,
+        shutdown: &ShutdownWatch,
+    ) {
         let client_ip = client
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
@@ -142,9 +151,9 @@ impl Edge {
 
     /// Reads until the connection holds a whole request head, and plans it. `None`: the
     /// connection is finished.
-    async fn next_request(
+    async fn next_request<C: ClientStream>(
         &self,
-        conn: &mut Connection,
+        conn: &mut Connection<C>,
         first: bool,
         shutdown: &ShutdownWatch,
     ) -> Option<Plan> {
@@ -165,7 +174,7 @@ impl Edge {
 
     /// Plans the request whose head is at the front of the connection's input; `None` while
     /// the head is incomplete.
-    fn plan(&self, conn: &mut Connection) -> Option<Plan> {
+    fn plan<C: ClientStream>(&self, conn: &mut Connection<C>) -> Option<Plan> {
         let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let len = match req.parse_with_uninit_headers(&conn.input, &mut headers) {
@@ -211,12 +220,20 @@ impl ServerApp for Edge {
             .await;
             return None;
         };
-        // TLS or other transports: Pingora alone.
-        if !stream.as_any().is::<L4Stream>() {
+        // HTTP/2 (chosen by ALPN) and transports other than TCP and TLS: Pingora alone.
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
             return self.http.process_new(stream, shutdown).await;
         }
-        let client: Box<L4Stream> = stream.into_any().downcast().ok()?;
-        self.serve(client, shutdown).await;
+        if stream.as_any().is::<L4Stream>() {
+            let client: Box<L4Stream> = stream.into_any().downcast().ok()?;
+            self.serve(client, shutdown).await;
+        } else if stream.as_any().is::<TlsStream<L4Stream>>() {
+            // After the handshake, a TLS connection is a byte stream like any other.
+            let tls: Box<TlsStream<L4Stream>> = stream.into_any().downcast().ok()?;
+            self.serve(Box::new(Rewound::new(*tls)), shutdown).await;
+        } else {
+            return self.http.process_new(stream, shutdown).await;
+        }
         None
     }
 

@@ -18,7 +18,6 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_http::{RequestHeader, ResponseHeader};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -27,6 +26,7 @@ use tokio::time::Instant;
 use super::forward::{failed, rewrite_head, Done};
 use super::proxy::{Destination, EdgeProxy};
 use crate::core::wsframe::FrameScanner;
+use crate::http1::client::ClientStream;
 use crate::http1::conn::{Connection, Exchange, Outcome};
 use crate::http1::MAX_HEADERS;
 use crate::metrics::{OpenSocket, ProxyPath};
@@ -74,9 +74,9 @@ pub(super) fn handshake(req: &httparse::Request<'_, '_>, len: usize) -> Option<H
 /// rewritten head is sent before the `101`; what the client sent after it (frames it should
 /// have held back) follows the `101`. A refusal (any other answer) is passed back once, like
 /// any answer, and the connection closes. [`Done::Pingora`] only when nothing was sent.
-pub(super) async fn tunnel(
+pub(super) async fn tunnel<C: ClientStream>(
     proxy: &EdgeProxy,
-    conn: &mut Connection,
+    conn: &mut Connection<C>,
     handshake: Handshake,
     destination: Destination,
 ) -> Done {
@@ -204,8 +204,8 @@ fn write_headers(headers: &http::HeaderMap, out: &mut Vec<u8>) {
 
 /// Joins the two sockets until both directions have ended, either fails, or nothing has
 /// passed either way for `idle`. `on_client_data` runs whenever the client sends something.
-async fn relay(
-    client: &mut L4Stream,
+async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
     server: &mut TcpStream,
     idle: Option<Duration>,
     mut on_client_bytes: impl FnMut(&[u8]),

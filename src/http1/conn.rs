@@ -20,15 +20,16 @@ use tokio::time::Instant;
 
 use super::answer::{self, Answer, Framing, Refusal};
 use super::chunks::Chunks;
+use super::client::ClientStream;
 use super::{KEEPALIVE, MAX_HEAD, SHRINK_AFTER};
 
 /// What a connection reads from the upstream server at once.
 const ANSWER_BUFFER: usize = 16 * 1024;
 
 /// One client connection and what it keeps between requests.
-pub struct Connection {
+pub struct Connection<C = L4Stream> {
     /// `None` only while Pingora has the stream.
-    client: Option<Box<L4Stream>>,
+    client: Option<Box<C>>,
     pub client_ip: Option<IpAddr>,
     /// Bytes read from the client and not yet used: the request at the front, and whatever
     /// the client sent after it.
@@ -98,8 +99,8 @@ pub enum Failure {
     Rewrite,
 }
 
-impl Connection {
-    pub fn new(client: Box<L4Stream>, client_ip: Option<IpAddr>) -> Self {
+impl<C: ClientStream> Connection<C> {
+    pub fn new(client: Box<C>, client_ip: Option<IpAddr>) -> Self {
         Self {
             client: Some(client),
             client_ip,
@@ -268,7 +269,7 @@ impl Connection {
 
     /// The client's stream, for a tunnel. The connection kept for plain requests is closed:
     /// the tunnel has its own.
-    pub fn client_stream(&mut self) -> Option<&mut L4Stream> {
+    pub fn client_stream(&mut self) -> Option<&mut C> {
         self.upstream = None;
         self.client.as_deref_mut()
     }
@@ -281,10 +282,10 @@ impl Connection {
         app: &Arc<A>,
         shutdown: &ShutdownWatch,
     ) -> bool {
-        let Some(mut client) = self.client.take() else {
+        let Some(client) = self.client.take() else {
             return false;
         };
-        client.rewind(&self.input);
+        let client = client.lend(&self.input);
         self.input.clear();
         let mut session = ServerSession::new_http1(client);
         session.set_keepalive((!*shutdown.borrow()).then_some(KEEPALIVE.as_secs()));
@@ -292,7 +293,7 @@ impl Connection {
             return false;
         };
         let (stream, _) = reused.consume();
-        let Ok(client) = stream.into_any().downcast::<L4Stream>() else {
+        let Some(client) = C::take_back(stream) else {
             return false;
         };
         self.client = Some(client);

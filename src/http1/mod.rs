@@ -11,6 +11,7 @@
 
 pub mod answer;
 pub mod chunks;
+pub mod client;
 pub mod conn;
 pub mod request;
 

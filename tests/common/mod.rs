@@ -269,6 +269,13 @@ impl Server {
         }
     }
 
+    /// Whether the server's process still runs.
+    pub fn is_alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// Stops the server with SIGINT, as Ctrl-C in its terminal does, and waits (at most 30 s)
     /// for it to exit; its workspaces keep running.
     pub fn interrupt(&mut self) -> std::process::ExitStatus {
