@@ -191,8 +191,12 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
     // One manager per pool: the old version gives the lock up when it hands over (below);
     // a second rstudio-pool started by mistake on the same state folder is refused.
     let wait = if cli.upgrade { 30 } else { 2 };
-    let lock = lock_state(&config.state_dir, std::time::Duration::from_secs(wait))
-        .unwrap_or_else(|e| fail(&format!("cannot start: {e}")));
+    let lock = lock_state(
+        &config.state_dir,
+        &config.pool_name,
+        std::time::Duration::from_secs(wait),
+    )
+    .unwrap_or_else(|e| fail(&format!("cannot start: {e}")));
     manager.hold_state_lock(lock);
     server.add_service(background_service(
         "hand-over on upgrade",

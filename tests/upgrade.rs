@@ -1089,7 +1089,9 @@ async fn a_second_pool_on_the_same_state_folder_is_refused() {
     let said = std::fs::read_to_string(server.dir.join("second.log")).unwrap();
     let pid = server.pid().unwrap();
     assert!(
-        said.contains(&format!("another rstudio-pool (pid {pid}) runs the pool")),
+        said.contains(&format!(
+            "another rstudio-pool (pid {pid}) runs pool `test-pool`"
+        )),
         "{said}"
     );
     // The first one is untouched.

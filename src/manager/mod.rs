@@ -1307,7 +1307,7 @@ impl PoolManager {
         }
     }
 
-    /// Keeps the state folder's lock (see [`lock_state`]) for as long as this manager runs
+    /// Keeps the pool's lock (see [`lock_state`]) for as long as this manager runs
     /// the pool.
     pub fn hold_state_lock(&self, lock: std::fs::File) {
         *self.state_lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
@@ -2191,16 +2191,20 @@ fn save_interval(timeout_ms: u64) -> u64 {
     (timeout_ms / 10).clamp(1000, 60_000)
 }
 
-/// Takes the exclusive lock on `STATE_DIR/pool.lock`, waiting up to `wait` for a process that
-/// holds it (the old version during a graceful upgrade, which gives it up when it hands
-/// over). Two rstudio-pools on one state folder would both assign the same instances: the
-/// second is refused with the holder's process id.
-pub fn lock_state(state_dir: &std::path::Path, wait: Duration) -> Result<std::fs::File, String> {
+/// Takes the exclusive lock on `STATE_DIR/<pool>.lock`, waiting up to `wait` for a process
+/// that holds it (the old version during a graceful upgrade, which gives it up when it hands
+/// over). Two rstudio-pools running one pool would both assign the same instances: the second
+/// is refused with the holder's process id. Pools of other names may share the folder.
+pub fn lock_state(
+    state_dir: &std::path::Path,
+    pool: &str,
+    wait: Duration,
+) -> Result<std::fs::File, String> {
     use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot create {}: {e}", state_dir.display()))?;
-    let path = state_dir.join("pool.lock");
+    let path = state_dir.join(format!("{pool}.lock"));
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -2215,7 +2219,7 @@ pub fn lock_state(state_dir: &std::path::Path, wait: Duration) -> Result<std::fs
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             return Err(format!(
-                "another rstudio-pool (pid {}) runs the pool of {}: stop it first, or take over from it with -u",
+                "another rstudio-pool (pid {}) runs pool `{pool}` on {}: stop it first, or take over from it with -u",
                 holder.trim(),
                 state_dir.display()
             ));

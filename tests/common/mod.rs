@@ -216,6 +216,9 @@ impl Server {
         ] {
             command.env_remove(name);
         }
+        // Each server its own state folder, whatever its provider (the ec2 one's journal and
+        // lock live there too); a test's own STATE_DIR below wins.
+        command.env("STATE_DIR", self.state_dir());
         if self.options.config_yaml.is_some() {
             command
                 .env("API_LISTEN", format!("0.0.0.0:{}", self.api.port()))
