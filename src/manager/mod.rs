@@ -575,6 +575,14 @@ impl PoolManager {
         let started = std::time::Instant::now();
         let mut served = None;
         let result = self.request_rounds(user, purpose, &mut served).await;
+        if let Ok(assignment) = &result {
+            // Asking for one's workspace is a user action: its idle clock starts again (after
+            // a restart, the tag read back may be older than the request that resumed it).
+            let st = self.lock();
+            if let Some(known) = st.known.get(&assignment.instance_id) {
+                known.activity.fetch_max(now_ms(), Ordering::Relaxed);
+            }
+        }
         let outcome = match &result {
             Ok(_) => served.unwrap_or("existing"),
             Err(ManagerError::Pool(PoolError::Full { .. } | PoolError::FullForResume { .. })) => {
