@@ -457,22 +457,7 @@ async fn the_hosts_user_data_passes_bash_and_shellcheck() {
         assert!(!script.contains("${"), "{name}: an unfilled ${{...}}");
         let path = dir.path().join(name);
         std::fs::write(&path, &script).unwrap();
-        let syntax = Command::new("bash").arg("-n").arg(&path).output().unwrap();
-        assert!(
-            syntax.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&syntax.stderr)
-        );
-        let lint = Command::new("shellcheck")
-            .args(["--shell=bash", "--severity=style"])
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run shellcheck ({e}): scripts/test.sh installs it"));
-        assert!(
-            lint.status.success(),
-            "{name}: shellcheck says\n{}",
-            String::from_utf8_lossy(&lint.stdout)
-        );
+        common::lint_shell(name, &path);
     }
 }
 

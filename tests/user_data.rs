@@ -8,11 +8,14 @@
 //! itself is checked the same way (bash, shellcheck, for the builder's user data too) and run
 //! against a stand-in AWS CLI.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use common::lint_shell as lint;
 use rstudio_pool::config::{Config, ProviderConfig};
 
 const REGISTRY: &str = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
@@ -45,22 +48,7 @@ fn every_preset_renders_to_a_script_bash_and_shellcheck_accept() {
         assert!(!script.contains("{{"), "{purpose}: unfilled placeholder");
         let path = dir.path().join(format!("{purpose}.sh"));
         std::fs::write(&path, &script).unwrap();
-        let syntax = Command::new("bash").arg("-n").arg(&path).output().unwrap();
-        assert!(
-            syntax.status.success(),
-            "{purpose}: {}",
-            String::from_utf8_lossy(&syntax.stderr)
-        );
-        let lint = Command::new("shellcheck")
-            .args(["--shell=bash", "--severity=style"])
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run shellcheck ({e}): scripts/test.sh installs it"));
-        assert!(
-            lint.status.success(),
-            "{purpose}: shellcheck says\n{}",
-            String::from_utf8_lossy(&lint.stdout)
-        );
+        lint(&purpose, &path);
     }
 }
 
@@ -371,26 +359,6 @@ fn on_a_baked_ami_the_user_data_installs_signs_in_and_pulls_nothing() {
 /// `rstudio/bake.sh` in this repository.
 fn bake_script() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("rstudio/bake.sh")
-}
-
-/// Runs `bash -n` and shellcheck (at style severity) on a script.
-fn lint(what: &str, path: &Path) {
-    let syntax = Command::new("bash").arg("-n").arg(path).output().unwrap();
-    assert!(
-        syntax.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&syntax.stderr)
-    );
-    let lint = Command::new("shellcheck")
-        .args(["--shell=bash", "--severity=style"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run shellcheck ({e}): scripts/test.sh installs it"));
-    assert!(
-        lint.status.success(),
-        "{what}: shellcheck says\n{}",
-        String::from_utf8_lossy(&lint.stdout)
-    );
 }
 
 #[test]

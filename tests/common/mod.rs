@@ -128,25 +128,7 @@ pub struct Server {
 
 impl Server {
     pub async fn start(options: Options) -> Server {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let [api_port, proxy_port] = free_ports();
-        let mut server = Server {
-            child: None,
-            api: SocketAddr::from(([127, 0, 0, 1], api_port)),
-            proxy: SocketAddr::from(([127, 0, 0, 1], proxy_port)),
-            config: dir.join("rstudio-pool.yaml"),
-            dir,
-            options,
-            _tmp: Some(tmp),
-            client: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
-        };
-        server.write_config();
-        server.spawn().await;
-        server
+        Self::start_edited(options, |_, text| text).await
     }
 
     fn write_config(&self) {
@@ -710,4 +692,24 @@ impl Server {
     pub fn swap_child(&mut self, child: Option<Child>) -> Option<Child> {
         std::mem::replace(&mut self.child, child)
     }
+}
+
+/// Runs `bash -n` and shellcheck (at style severity) on a script: `what` names it in a failure.
+pub fn lint_shell(what: &str, path: &Path) {
+    let syntax = Command::new("bash").arg("-n").arg(path).output().unwrap();
+    assert!(
+        syntax.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let lint = Command::new("shellcheck")
+        .args(["--shell=bash", "--severity=style"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run shellcheck ({e}): scripts/test.sh installs it"));
+    assert!(
+        lint.status.success(),
+        "{what}: shellcheck says\n{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
 }
