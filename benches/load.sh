@@ -8,6 +8,10 @@
 #      $CONNS connections, $DURATION s, $ROUNDS rounds in alternating order. One worker each.
 #   1b. Instructions per request: rstudio-pool and the bare Pingora proxy again, each under
 #      callgrind, so that the cost of our features is a count that machine noise does not move.
+#   1c. TLS: rstudio-pool with proxy.tls against nginx with ssl, the same certificate (ECDSA
+#      P-256, made here) and cipher suite ($TLS_SUITE, TLS 1.3), one worker each, the same
+#      upstream: wrk keep-alive, then a new connection per request with a full handshake, then
+#      with a resumed session (req/s there = handshakes/s); server CPU per request for both.
 #   2. WebSockets: $WS_SOCKETS sockets through rstudio-pool, nginx and configurable-http-proxy
 #      to the demo workspace's echo, each sending one small message a second for $WS_SECONDS s.
 #   3. Assignment: $API_CALLERS concurrent REQUEST_RSTUDIO for new users with that many free
@@ -22,6 +26,9 @@
 #
 #   benches/load.sh                          # everything, about 6 minutes
 #   PARTS=http DURATION=5 benches/load.sh    # just the HTTP table, quickly
+#   PARTS="http tls" benches/load.sh         # plain HTTP and TLS, about 3.5 minutes
+#   PROFILE=/tmp/p.txt PARTS=tls benches/load.sh   # plus perf profiles: /tmp/p.txt.tls-<run>
+#   TLS_SUITE=TLS_AES_256_GCM_SHA384 PARTS=tls benches/load.sh   # another TLS 1.3 suite
 #   PARTS=instr INSTR_REPORT=/tmp/instr.txt benches/load.sh   # instructions per request, by function
 #   POOL_BIN=/tmp/rstudio-pool-before PARTS=instr benches/load.sh   # the same for another build
 #   BENCH_AUTH=none PARTS=http benches/load.sh   # what the access check costs
@@ -48,13 +55,19 @@ SLOW_CLIENTS="${SLOW_CLIENTS:-5000}"
 # Longer than rstudio-pool's proxy.request_head_timeout_ms (15 s), so that the deadline is met.
 SLOW_SECONDS="${SLOW_SECONDS:-40}"
 SLOW_RATE="${SLOW_RATE:-20}"
-PARTS="${PARTS:-http instr ws api}"
+PARTS="${PARTS:-http tls instr ws api}"
+# The one TLS 1.3 cipher suite both servers negotiate in the TLS part.
+TLS_SUITE="${TLS_SUITE:-TLS_AES_128_GCM_SHA256}"
 INSTR_SECONDS="${INSTR_SECONDS:-10}"
 
 need_apt=()
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 if [[ " $PARTS " == *" instr "* ]]; then command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind); fi
+if [[ " $PARTS " == *" tls "* ]]; then
+  command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+  [ -x /usr/bin/time ] || need_apt+=(time)
+fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "load: installing ${need_apt[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -341,6 +354,214 @@ if [[ " $PARTS " == *" instr "* ]]; then
     fi
   done
   kill "$ICG_POOL" "$ICG_BARE" "$ICG_NGX" 2>/dev/null || true
+fi
+
+# ---- Part 1c: TLS ----
+# rstudio-pool with proxy.tls against nginx with ssl on its listener: the same ECDSA P-256
+# certificate and key (a test CA's, made here), one worker each, in front of one upstream
+# (the workspace nginx the TLS rstudio-pool started; the TLS nginx proxies to it too). wrk
+# speaks HTTP/1.1 and offers no ALPN, so rstudio-pool serves it on the edge's own path (HTTP/2
+# by ALPN would be Pingora's). The client offers TLS 1.3 and $TLS_SUITE only (an OpenSSL
+# configuration for wrk and openssl s_client), so both servers negotiate the same suite: left
+# to itself, an OpenSSL client puts TLS_AES_256_GCM_SHA384 first and rustls follows the
+# client's order (nginx is restricted to $TLS_SUITE as well). Runs:
+#   keep-alive:  wrk over https, $CONNS connections held open.
+#   full:        wrk -H 'Connection: close': a new connection and one full handshake per request
+#                (a preloaded shim drops the session wrk would otherwise resume): req/s is the
+#                handshake rate.
+#   resumed:     the same without the shim: wrk keeps each connection's SSL object and calls
+#                SSL_clear, which keeps the session, so every reconnect resumes it (TLS 1.3 PSK
+#                with X25519, no certificate and no signature).
+# rstudio-pool hands a request that says `Connection: close` to Pingora rather than forwarding
+# it itself: the new-connection runs measure the handshake plus Pingora's request path; the
+# path counts from rstudio-pool's /metrics are printed below the table.
+if [[ " $PARTS " == *" tls "* ]]; then
+  TLS="$WORK/tls"; mkdir -p "$TLS"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj '/CN=rstudio-pool load benchmark CA' -keyout "$TLS/ca.key" -out "$TLS/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj '/CN=localhost' \
+    -keyout "$TLS/key.pem" -out "$TLS/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' > "$TLS/server.ext"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.pem" -CAkey "$TLS/ca.key" -CAcreateserial \
+    -days 2 -extfile "$TLS/server.ext" -out "$TLS/cert.pem" 2>/dev/null
+  # What wrk and openssl s_client offer: TLS 1.3, one cipher suite.
+  cat > "$TLS/client.cnf" <<EOF
+openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1.3
+Ciphersuites = $TLS_SUITE
+EOF
+  # wrk reuses each connection's SSL object (SSL_clear), which keeps the last session: this
+  # drops it before each handshake, so that every handshake is a full one.
+  cat > "$TLS/full.c" <<'EOF'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+typedef struct ssl_st SSL;
+typedef struct ssl_session_st SSL_SESSION;
+extern int SSL_set_session(SSL *, SSL_SESSION *);
+extern int SSL_in_before(const SSL *);
+int SSL_connect(SSL *s) {
+    static int (*real)(SSL *);
+    if (!real) real = (int (*)(SSL *))dlsym(RTLD_NEXT, "SSL_connect");
+    if (SSL_in_before(s)) SSL_set_session(s, 0);
+    return real(s);
+}
+EOF
+  cc -shared -fPIC -O2 -o "$TLS/full.so" "$TLS/full.c"
+
+  TAPI=$(port); TPROXY=$(port)
+  sed -e "s#127.0.0.1:$API#127.0.0.1:$TAPI#; s#state_dir: $WORK/state#state_dir: $WORK/state-tls#" \
+      -e "s#^  listen: 127.0.0.1:$PROXY\$#  listen: 127.0.0.1:$TPROXY\n  tls:\n    cert: $TLS/cert.pem\n    key: $TLS/key.pem#" \
+      "$WORK/bench.yaml" > "$WORK/tls.yaml"
+  RUST_LOG=warn "$POOL" -c "$WORK/tls.yaml" > "$WORK/tls.log" 2>&1 &
+  TPOOL_PID=$!; PIDS+=("$TPOOL_PID")
+  wait_port "$TAPI"; wait_port "$TPROXY"
+  # The link is https:// now: curl checks it against the test CA.
+  read -r TID TUP TCOOKIE < <(CURL_CA_BUNDLE="$TLS/ca.pem" COMMAND_PORT=$TAPI register bench-tls bench)
+
+  TNGX=$(port)
+  mkdir -p "$WORK/nginx-tls"
+  cat > "$WORK/nginx-tls/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx-tls/nginx.pid;
+error_log stderr error;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-tls;
+  proxy_temp_path $WORK/nginx-tls;
+  upstream workspace { server $TUP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$TNGX ssl;
+    ssl_certificate $TLS/cert.pem;
+    ssl_certificate_key $TLS/key.pem;
+    ssl_protocols TLSv1.3;
+    ssl_conf_command Ciphersuites $TLS_SUITE;
+    keepalive_requests 1000000;
+    location /$TID/ { proxy_pass http://workspace/; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host \$host; }
+  }
+}
+EOF
+  "$NGINX" -p "$WORK/nginx-tls" -c "$WORK/nginx-tls/nginx.conf" &
+  TNGX_PID=$!; PIDS+=("$TNGX_PID")
+  wait_port "$TNGX"
+  TNGX_WORKER=$(pgrep -P "$TNGX_PID" | head -1)
+  echo "load: TLS: rstudio-pool on $TPROXY (pid $TPOOL_PID), nginx on $TNGX (worker pid $TNGX_WORKER), both to the upstream $TUP as $TID" >&2
+
+  # What each server negotiates with the client's settings, whether it resumes, and what it
+  # picks when the client offers everything (no configuration).
+  negotiated() { # port instance header
+    local s
+    s=$(echo | OPENSSL_CONF="$TLS/client.cnf" openssl s_client -connect "127.0.0.1:$1" -servername localhost -CAfile "$TLS/ca.pem" 2>&1 || true)
+    printf '%s, %s, key exchange %s, signature %s, ALPN %s, verification %s' \
+      "$(echo "$s" | awk -F', ' '/^New, / {print $2}')" \
+      "$(echo "$s" | awk '/^New, / {print $NF}')" \
+      "$(echo "$s" | awk -F': ' '/^Server Temp Key/ {print $2}')" \
+      "$(echo "$s" | awk -F': ' '/^Peer signature type/ {t=$2} /^Peer signing digest/ {d=$2} END {print t "-" d}')" \
+      "$(echo "$s" | awk -F': ' '/^No ALPN/ {print "none"} /^ALPN protocol/ {print $2}')" \
+      "$(echo "$s" | awk -F': ' '/^Verification/ {print $2; exit}')"
+    printf 'GET /%s/ HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\nConnection: close\r\n\r\n' "$2" "$3" |
+      OPENSSL_CONF="$TLS/client.cnf" openssl s_client -quiet -connect "127.0.0.1:$1" -sess_out "$TLS/session-$1" -ign_eof > /dev/null 2>&1 || true
+    printf '; a second connection with the session: %s' \
+      "$(echo | OPENSSL_CONF="$TLS/client.cnf" openssl s_client -connect "127.0.0.1:$1" -sess_in "$TLS/session-$1" 2>/dev/null | awk -F', ' '/^(New|Reused), / {print $1; exit}')"
+    printf '; an OpenSSL client offering every suite gets %s\n' \
+      "$(echo | openssl s_client -connect "127.0.0.1:$1" 2>/dev/null | awk '/^New, / {print $NF; exit}')"
+  }
+  # Requests rstudio-pool carried by path (edge: its own forwarding; pingora), from /metrics.
+  by_path() {
+    curl -sf "http://127.0.0.1:$TAPI/metrics" | awk '/^rstudio_pool_proxy_requests_total/ {
+      if ($0 ~ /path="edge"/) e += $NF; else if ($0 ~ /path="pingora"/) p += $NF; else o += $NF }
+      END {printf "%d %d %d", e, p, o}'
+  }
+  declare -A TRPS TP50 TP99 TCPU TSRV TWRK TPATH
+  tls_wrk() { # proxy run
+    local url cookie pid args=() preload="" before after t0 t1 out n wrk_cpu path0 path1
+    case $1 in
+      nginx) url="https://127.0.0.1:$TNGX/$TID/"; cookie="X-Bench: 1"; pid=$TNGX_WORKER ;;
+      rstudio-pool) url="https://127.0.0.1:$TPROXY/$TID/"; cookie="Cookie: $TCOOKIE"; pid=$TPOOL_PID ;;
+    esac
+    args=(-t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$cookie")
+    case $2 in
+      full) args+=(-H "Connection: close"); preload="$TLS/full.so" ;;
+      resumed) args+=(-H "Connection: close") ;;
+    esac
+    [ "$1" = rstudio-pool ] && path0=$(by_path)
+    before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    t0=$(date +%s.%N)
+    out=$(OPENSSL_CONF="$TLS/client.cnf" LD_PRELOAD="$preload" /usr/bin/time -f 'wrk-cpu %U %S' wrk "${args[@]}" "$url" 2>&1)
+    t1=$(date +%s.%N)
+    after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    if [ "$1" = rstudio-pool ]; then
+      path1=$(by_path)
+      TPATH[$2]="$(echo "$path0 $path1" | awk '{printf "edge %d, pingora %d, other %d", $4 - $1, $5 - $2, $6 - $3}')"
+    fi
+    if echo "$out" | grep -qE 'Non-2xx|Socket errors'; then echo "load: TLS $1 $2: $(echo "$out" | grep -E 'Non-2xx|Socket errors' | tr '\n' ' ')" >&2; fi
+    n=$(echo "$out" | awk '/requests in/ {print $1}')
+    wrk_cpu=$(echo "$out" | awk '/^wrk-cpu/ {print $2 + $3}')
+    local key="$1 $2"
+    TRPS[$key]="${TRPS[$key]:-} $(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+    TP50[$key]="${TP50[$key]:-} $(to_ms "$(echo "$out" | awk '$1=="50%" {print $2}')")"
+    TP99[$key]="${TP99[$key]:-} $(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")"
+    # Server CPU (user + system) per request in µs, the server's and wrk's CPU in % of one core.
+    TCPU[$key]="${TCPU[$key]:-} $(calc "($after - $before) * 1000000 / $(getconf CLK_TCK) / $n")"
+    TSRV[$key]="${TSRV[$key]:-} $(calc "($after - $before) * 100 / $(getconf CLK_TCK) / ($t1 - $t0)")"
+    TWRK[$key]="${TWRK[$key]:-} $(calc "$wrk_cpu * 100 / ($t1 - $t0)")"
+  }
+
+  echo
+  echo "TLS: TLSv1.3 $TLS_SUITE, ECDSA P-256 certificate (the same file for both); HTTP/1.1 (wrk, no ALPN); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds alternating; one worker each; both to the same upstream"
+  echo "negotiated with nginx:        $(negotiated "$TNGX" "$TID" "X-Bench: 1")"
+  echo "negotiated with rstudio-pool: $(negotiated "$TPROXY" "$TID" "Cookie: $TCOOKIE")"
+  if [ -n "${PROFILE:-}" ] && command -v perf >/dev/null; then
+    # A flat profile of the TLS rstudio-pool under each run's load, in runs of their own that
+    # are not measured. -> $PROFILE.tls-<run>
+    for run in keep-alive full resumed; do
+      args=(-t1 -c"$CONNS" -d"${DURATION}s" -H "Cookie: $TCOOKIE"); preload=""
+      [ "$run" = keep-alive ] || args+=(-H "Connection: close")
+      [ "$run" = full ] && preload="$TLS/full.so"
+      perf record -q -F 999 -e cpu-clock -p "$TPOOL_PID" -o "$WORK/perf-tls.data" -- sleep "$DURATION" 2>/dev/null &
+      perf_pid=$!
+      OPENSSL_CONF="$TLS/client.cnf" LD_PRELOAD="$preload" wrk "${args[@]}" "https://127.0.0.1:$TPROXY/$TID/" > /dev/null
+      wait "$perf_pid" || true
+      { perf report -q -i "$WORK/perf-tls.data" --no-children --sort dso --stdio 2>/dev/null || true; } > "$PROFILE.tls-$run" || true
+      { perf report -q -i "$WORK/perf-tls.data" --no-children --sort dso,symbol --stdio 2>/dev/null || true; } | head -120 >> "$PROFILE.tls-$run" || true
+    done
+  fi
+  TORDER=(nginx rstudio-pool)
+  for round in $(seq 1 "$ROUNDS"); do
+    for run in keep-alive full resumed; do
+      for name in "${TORDER[@]}"; do
+        tls_wrk "$name" "$run"
+        echo "load: TLS round $round $name $run: $(echo "${TRPS[$name $run]}" | awk '{print $NF}') req/s" >&2
+      done
+    done
+    TORDER=("${TORDER[1]}" "${TORDER[0]}")
+  done
+  printf '| %-12s | %-44s | %-16s | %8s | %7s | %7s | %10s | %10s | %7s | %-17s |\n' proxy run "req/s (rounds)" "req/s" "p50 ms" "p99 ms" "CPU us/req" "server CPU" "wrk CPU" "vs nginx"
+  printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' -------------- ---------------------------------------------- ------------------ ---------- --------- --------- ------------ ------------ --------- -------------------
+  declare -A TMODE=([keep-alive]="keep-alive" [full]="new connection per request, full handshake" [resumed]="new connection per request, resumed session")
+  for run in keep-alive full resumed; do
+    n_rps=$(mean "${TRPS[nginx $run]}"); n_cpu=$(mean "${TCPU[nginx $run]}")
+    for name in nginx rstudio-pool; do
+      key="$name $run"
+      r=$(mean "${TRPS[$key]}")
+      printf '| %-12s | %-44s | %-16s | %8.0f | %7.2f | %7.2f | %10.1f | %9.0f%% | %6.0f%% | %5.2fx / CPU %4.2fx |\n' "$name" "${TMODE[$run]}" \
+        "$(echo "${TRPS[$key]}" | awk '{for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? " " : ""), $i}')" \
+        "$r" "$(mean "${TP50[$key]}")" "$(mean "${TP99[$key]}")" "$(mean "${TCPU[$key]}")" \
+        "$(mean "${TSRV[$key]}")" "$(mean "${TWRK[$key]}")" "$(calc "$r / $n_rps")" "$(calc "$(mean "${TCPU[$key]}") / $n_cpu")"
+    done
+  done
+  echo "handshakes per second (one per request): full: nginx $(mean "${TRPS[nginx full]}" | cut -d. -f1), rstudio-pool $(mean "${TRPS[rstudio-pool full]}" | cut -d. -f1) ($(calc "$(mean "${TRPS[rstudio-pool full]}") / $(mean "${TRPS[nginx full]}")")x); resumed: nginx $(mean "${TRPS[nginx resumed]}" | cut -d. -f1), rstudio-pool $(mean "${TRPS[rstudio-pool resumed]}" | cut -d. -f1) ($(calc "$(mean "${TRPS[rstudio-pool resumed]}") / $(mean "${TRPS[nginx resumed]}")")x)"
+  # With wrk near 100% of a core, the client sets the handshake rate: the server's CPU per
+  # handshake is the figure that compares the servers, and what one core of it would do.
+  echo "server CPU per handshake (µs, user + system, the request included): full: nginx $(mean "${TCPU[nginx full]}"), rstudio-pool $(mean "${TCPU[rstudio-pool full]}"); resumed: nginx $(mean "${TCPU[nginx resumed]}"), rstudio-pool $(mean "${TCPU[rstudio-pool resumed]}"); one core's worth of full handshakes: nginx $(calc "1000000 / $(mean "${TCPU[nginx full]}")" | cut -d. -f1)/s, rstudio-pool $(calc "1000000 / $(mean "${TCPU[rstudio-pool full]}")" | cut -d. -f1)/s"
+  echo "rstudio-pool requests by path in the last round: keep-alive: ${TPATH[keep-alive]}; full: ${TPATH[full]}; resumed: ${TPATH[resumed]}"
+  kill "$TNGX_PID" "$TPOOL_PID" 2>/dev/null || true
 fi
 
 # ---- Part 2: WebSockets ----
