@@ -433,7 +433,6 @@ async fn the_stack_creates_in_moto_what_the_template_promises() {
             .collect::<Vec<_>>(),
         shipped.lines().collect::<Vec<_>>()
     );
-    drop(d.moto);
 }
 
 /// Bash and shellcheck accept the host's user data as the stack renders it, and each
