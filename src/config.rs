@@ -14,8 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::core::breaker::BreakerSettings;
+use crate::core::ledger::Rates;
 use crate::core::pool::Limits;
 use crate::core::route::Keepalive;
+use crate::core::warm::{Forecast, Schedule, ScheduleRange, WarmPolicy};
 
 /// The embedded default, also shipped as `conf/local.yaml`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../conf/local.yaml");
@@ -62,6 +64,41 @@ struct FileConfig {
     auth: AuthSection,
     purposes: BTreeMap<String, PurposeSection>,
     log: LogSection,
+    simulate: SimulateSection,
+}
+
+/// `pool.warm_policy` (and `purposes.<name>.warm_policy`), as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WarmPolicySection {
+    kind: Option<String>,
+    // schedule
+    ranges: Option<Vec<ScheduleRangeSection>>,
+    otherwise: Option<usize>,
+    utc_offset_minutes: Option<i32>,
+    // forecast
+    floor: Option<usize>,
+    max_free: Option<usize>,
+    miss_probability: Option<f64>,
+    learning_rate: Option<f64>,
+    lead_minutes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleRangeSection {
+    when: String,
+    min_free: usize,
+}
+
+/// `simulate`: what `rstudio-pool simulate` assumes of the provider.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct SimulateSection {
+    ready_median_seconds: Option<f64>,
+    ready_p95_seconds: Option<f64>,
+    resume_median_seconds: Option<f64>,
+    resume_p95_seconds: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,6 +149,8 @@ struct PoolSection {
     reconcile_interval_ms: u64,
     launch_failures_to_pause: u32,
     launch_pause_seconds: u64,
+    warm_policy: WarmPolicySection,
+    currency: String,
 }
 
 impl Default for PoolSection {
@@ -124,6 +163,8 @@ impl Default for PoolSection {
             reconcile_interval_ms: 1000,
             launch_failures_to_pause: 3,
             launch_pause_seconds: 60,
+            warm_policy: WarmPolicySection::default(),
+            currency: "USD".into(),
         }
     }
 }
@@ -265,6 +306,9 @@ struct PurposeSection {
     root_volume_gb: Option<u32>,
     root_volume_encrypted: Option<bool>,
     root_device_name: Option<String>,
+    warm_policy: Option<WarmPolicySection>,
+    hourly_cost: Option<f64>,
+    paused_hourly_cost: Option<f64>,
 }
 
 // ---- The validated configuration ----
@@ -288,6 +332,9 @@ pub struct Config {
     pub log_format: crate::audit::LogFormat,
     /// Things worth a line in the log once it is set up.
     pub notes: Vec<String>,
+    /// The currency of `hourly_cost` (`pool.currency`), for reports.
+    pub currency: String,
+    pub simulate: SimulateConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -442,7 +489,7 @@ impl DefaultUrl {
 }
 
 /// One kind of workspace: how to start it, reach it, and tell its users' activity apart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Purpose {
     pub name: String,
     pub limits: Limits,
@@ -485,7 +532,47 @@ pub struct Purpose {
     pub root_volume_gb: Option<u32>,
     pub root_volume_encrypted: bool,
     pub root_device_name: String,
+    /// How many free instances to keep warm, and when (`warm_policy`).
+    pub warm: WarmPolicy,
+    /// What its instances cost (`hourly_cost`, `paused_hourly_cost`).
+    pub rates: Rates,
 }
+
+/// What `rstudio-pool simulate` assumes of the provider (`simulate`): how long a start takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulateConfig {
+    /// From a launch to a workspace that answers.
+    pub ready: ReadyDist,
+    /// From a resume (a start of a paused instance) to a workspace that answers.
+    pub resume: ReadyDist,
+    /// Whether these are the defaults for the provider, and which ones.
+    pub source: &'static str,
+}
+
+/// A time to ready, log-normal, given by its median and 95th percentile in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadyDist {
+    pub median_s: f64,
+    pub p95_s: f64,
+}
+
+/// EC2 defaults (**public** figures and estimates, rstudio/README.md "What each path costs in
+/// time to ready"): a stock AMI is ready in about 1 to 2.5 min; a start from stopped is a
+/// boot (about 23 s, public) plus the container's start (about 3 s) and the probe.
+pub const EC2_READY: ReadyDist = ReadyDist {
+    median_s: 90.0,
+    p95_s: 150.0,
+};
+pub const EC2_RESUME: ReadyDist = ReadyDist {
+    median_s: 30.0,
+    p95_s: 60.0,
+};
+/// Process provider defaults, measured (COSTS.md): the demo workspace's launch to ready,
+/// with the probe of a 1 s reconcile round.
+pub const PROCESS_READY: ReadyDist = ReadyDist {
+    median_s: 0.6,
+    p95_s: 1.0,
+};
 
 /// What idleness does to an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -921,6 +1008,22 @@ fn build(
                 format!("purpose `{name}` hibernates on EC2, which needs an encrypted root volume large enough for the instance's memory and the system: set root_volume_gb (memory plus the AMI's size) and root_volume_encrypted: true"),
             ));
         }
+        let warm = warm_policy(
+            section
+                .warm_policy
+                .as_ref()
+                .unwrap_or(&file.pool.warm_policy),
+            limits,
+            &name,
+        )?;
+        let rates = Rates {
+            hourly: cost(section.hourly_cost, "purposes.<name>.hourly_cost", &name)?,
+            paused_hourly: cost(
+                section.paused_hourly_cost,
+                "purposes.<name>.paused_hourly_cost",
+                &name,
+            )?,
+        };
         let paused_ttl_hours = section.paused_ttl_hours.unwrap_or(336);
         if paused_ttl_hours == 0 {
             return Err(invalid(
@@ -981,10 +1084,13 @@ fn build(
                 root_device_name: section
                     .root_device_name
                     .unwrap_or_else(|| "/dev/xvda".into()),
+                warm,
+                rates,
             },
         );
     }
 
+    let simulate = simulate_config(&file.simulate, provider)?;
     let provider = match provider {
         ProviderKind::Process => ProviderConfig::Process,
         ProviderKind::Ec2 => ProviderConfig::Ec2(Box::new(ec2_config(
@@ -1109,6 +1215,8 @@ fn build(
             redirect_http,
         },
         purposes,
+        currency: file.pool.currency,
+        simulate,
         ready_timeout: Duration::from_secs(file.pool.ready_timeout_seconds.max(1)),
         reconcile_interval: Duration::from_millis(file.pool.reconcile_interval_ms),
         log_format,
@@ -1126,6 +1234,207 @@ fn build(
                 .saturating_add(60)
                 .saturating_mul(1000),
         },
+    })
+}
+
+/// A price per hour: absent is 0; negative or not a number is refused.
+fn cost(value: Option<f64>, key: &'static str, purpose: &str) -> Result<f64, ConfigError> {
+    match value {
+        None => Ok(0.0),
+        Some(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Some(v) => Err(invalid(
+            key,
+            None,
+            format!("`{v}` (purpose `{purpose}`) is not a price: give the cost of one instance for one hour, 0 or more (e.g. 0.0832 for a t3.large in us-east-1)"),
+        )),
+    }
+}
+
+/// A warm policy written as YAML (`{kind: forecast, miss_probability: 0.02}`), for a purpose
+/// with `limits`: what `rstudio-pool simulate --policy` reads.
+pub fn parse_warm_policy(
+    yaml: &str,
+    limits: Limits,
+    purpose: &str,
+) -> Result<WarmPolicy, ConfigError> {
+    let section: WarmPolicySection = serde_yaml::from_str(yaml).map_err(|e| {
+        invalid(
+            "pool.warm_policy",
+            None,
+            format!("`{yaml}`: {e}: write it as in the configuration, e.g. `{{kind: forecast, floor: 0}}`"),
+        )
+    })?;
+    warm_policy(&section, limits, purpose)
+}
+
+/// The warm policy of a purpose from `warm_policy` (its own, or the pool's).
+fn warm_policy(
+    section: &WarmPolicySection,
+    limits: Limits,
+    purpose: &str,
+) -> Result<WarmPolicy, ConfigError> {
+    const KEY: &str = "pool.warm_policy";
+    let kind = section.kind.as_deref().unwrap_or("fixed");
+    let stray = |fields: &[(&str, bool)], kind: &str| -> Result<(), ConfigError> {
+        match fields.iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err(invalid(
+                KEY,
+                None,
+                format!("`{name}` (purpose `{purpose}`) is not a setting of the `{kind}` policy: remove it, or set `kind` to the policy it belongs to"),
+            )),
+            None => Ok(()),
+        }
+    };
+    let schedule_fields = [
+        ("ranges", section.ranges.is_some()),
+        ("otherwise", section.otherwise.is_some()),
+        ("utc_offset_minutes", section.utc_offset_minutes.is_some()),
+    ];
+    let forecast_fields = [
+        ("floor", section.floor.is_some()),
+        ("max_free", section.max_free.is_some()),
+        ("miss_probability", section.miss_probability.is_some()),
+        ("learning_rate", section.learning_rate.is_some()),
+        ("lead_minutes", section.lead_minutes.is_some()),
+    ];
+    match kind {
+        "fixed" => {
+            stray(&schedule_fields, kind)?;
+            stray(&forecast_fields, kind)?;
+            Ok(WarmPolicy::Fixed {
+                min_free: limits.min_free,
+            })
+        }
+        "schedule" => {
+            stray(&forecast_fields, kind)?;
+            let offset = section.utc_offset_minutes.unwrap_or(0);
+            if !(-14 * 60..=14 * 60).contains(&offset) {
+                return Err(invalid(
+                    KEY,
+                    None,
+                    format!("`utc_offset_minutes: {offset}` (purpose `{purpose}`) is not an offset: give the team's offset from UTC in minutes, -840 to 840 (60 for CET)"),
+                ));
+            }
+            let mut ranges = Vec::new();
+            for r in section.ranges.iter().flatten() {
+                if r.min_free > limits.max {
+                    return Err(invalid(
+                        KEY,
+                        None,
+                        format!("`{}` keeps {} free (purpose `{purpose}`), above the maximum of {} instances: lower it or raise MAX_INSTANCES", r.when, r.min_free, limits.max),
+                    ));
+                }
+                ranges.push(ScheduleRange::parse(&r.when, r.min_free).map_err(|e| {
+                    invalid(KEY, None, format!("ranges (purpose `{purpose}`): {e}"))
+                })?);
+            }
+            if ranges.is_empty() {
+                return Err(invalid(
+                    KEY,
+                    None,
+                    format!("the `schedule` policy of purpose `{purpose}` has no ranges: add e.g. `ranges: [{{when: \"mon-fri 08:00-18:00\", min_free: 3}}]`"),
+                ));
+            }
+            Ok(WarmPolicy::Schedule(Schedule {
+                ranges,
+                otherwise: section.otherwise.unwrap_or(0).min(limits.max),
+                utc_offset_minutes: offset,
+            }))
+        }
+        "forecast" => {
+            stray(&schedule_fields, kind)?;
+            let miss = section.miss_probability.unwrap_or(0.05);
+            if !(miss > 0.0 && miss < 1.0) {
+                return Err(invalid(
+                    KEY,
+                    None,
+                    format!("`miss_probability: {miss}` (purpose `{purpose}`) must be between 0 and 1 (exclusive): the accepted chance that a user finds no warm instance, e.g. 0.05"),
+                ));
+            }
+            let alpha = section.learning_rate.unwrap_or(0.3);
+            if !(alpha > 0.0 && alpha <= 1.0) {
+                return Err(invalid(
+                    KEY,
+                    None,
+                    format!("`learning_rate: {alpha}` (purpose `{purpose}`) must be above 0 and at most 1: the weight of the newest week, e.g. 0.3"),
+                ));
+            }
+            let floor = section.floor.unwrap_or(0);
+            let max_free = section.max_free.unwrap_or(limits.max);
+            if floor > max_free || floor > limits.max {
+                return Err(invalid(
+                    KEY,
+                    None,
+                    format!("`floor: {floor}` (purpose `{purpose}`) is above `max_free` ({max_free}) or the maximum of instances ({}): lower it", limits.max),
+                ));
+            }
+            Ok(WarmPolicy::Forecast(Forecast {
+                floor,
+                max_free,
+                miss_probability: miss,
+                alpha,
+                fallback: limits.min_free,
+                lead_ms: section.lead_minutes.unwrap_or(15).saturating_mul(60_000),
+            }))
+        }
+        other => Err(invalid(
+            KEY,
+            None,
+            format!("`kind: {other}` (purpose `{purpose}`): use `fixed` (MIN_FREE_INSTANCES around the clock), `schedule` (minimum free per hour-of-week ranges) or `forecast` (learned from the pool's arrivals)"),
+        )),
+    }
+}
+
+/// What the simulator assumes of starts: the `simulate` section over the provider's defaults.
+fn simulate_config(
+    section: &SimulateSection,
+    provider: ProviderKind,
+) -> Result<SimulateConfig, ConfigError> {
+    let (ready, resume, source) = match provider {
+        ProviderKind::Ec2 => (
+            EC2_READY,
+            EC2_RESUME,
+            "EC2 defaults (public figures and estimates)",
+        ),
+        ProviderKind::Process => (PROCESS_READY, PROCESS_READY, "process defaults (measured)"),
+    };
+    let pick = |median: Option<f64>, p95: Option<f64>, default: ReadyDist, key: &'static str| {
+        let d = ReadyDist {
+            median_s: median.unwrap_or(default.median_s),
+            p95_s: p95.unwrap_or(default.p95_s),
+        };
+        if d.median_s > 0.0
+            && d.median_s.is_finite()
+            && d.p95_s >= d.median_s
+            && d.p95_s.is_finite()
+        {
+            Ok(d)
+        } else {
+            Err(invalid(
+                key,
+                None,
+                format!("median {} s, 95th percentile {} s: give a median above 0 and a 95th percentile at least as large", d.median_s, d.p95_s),
+            ))
+        }
+    };
+    let custom = section.ready_median_seconds.is_some()
+        || section.ready_p95_seconds.is_some()
+        || section.resume_median_seconds.is_some()
+        || section.resume_p95_seconds.is_some();
+    Ok(SimulateConfig {
+        ready: pick(
+            section.ready_median_seconds,
+            section.ready_p95_seconds,
+            ready,
+            "simulate.ready_median_seconds",
+        )?,
+        resume: pick(
+            section.resume_median_seconds,
+            section.resume_p95_seconds,
+            resume,
+            "simulate.resume_median_seconds",
+        )?,
+        source: if custom { "configured" } else { source },
     })
 }
 

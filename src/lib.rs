@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod demo;
@@ -11,4 +12,5 @@ pub mod http1;
 pub mod manager;
 pub mod metrics;
 pub mod provider;
+pub mod sim;
 pub mod tls;

@@ -68,6 +68,12 @@ enum Sub {
         #[arg(long)]
         yes: bool,
     },
+    /// Replay a trace of sessions through this configuration's pool under virtual time, once
+    /// per `--policy`, and print each policy's waits, instance-hours and cost.
+    Simulate(rstudio_pool::sim::cli::SimulateArgs),
+    /// Make a trace: a synthetic one, or one from the pool's audit log.
+    #[command(subcommand)]
+    Trace(rstudio_pool::sim::cli::TraceArgs),
 }
 
 fn main() {
@@ -93,6 +99,13 @@ fn main() {
         }
         return;
     }
+    if let Some(Sub::Trace(args)) = &cli.command {
+        let (out, bad) = rstudio_pool::sim::cli::trace_command(args)
+            .unwrap_or_else(|e| fail(&format!("trace: {e}")));
+        print!("{out}");
+        report_bad_lines(&bad);
+        return;
+    }
     let env = |name: &str| std::env::var(name).ok();
     let (config, text) = Config::load(cli.conf.as_deref(), &env)
         .unwrap_or_else(|e| fail(&format!("configuration error: {e}")));
@@ -116,6 +129,15 @@ fn main() {
         return;
     }
 
+    if let Some(Sub::Simulate(args)) = &cli.command {
+        // The pool's own log lines (launches, pauses) would drown the table.
+        log::set_max_level(log::LevelFilter::Warn);
+        let (out, bad) = rstudio_pool::sim::cli::simulate(&config, args)
+            .unwrap_or_else(|e| fail(&format!("simulate: {e}")));
+        report_bad_lines(&bad);
+        print!("{out}");
+        return;
+    }
     let provider = provider(&config);
     if let Some(Sub::Down { yes }) = cli.command {
         down(&config, provider, yes, cli.conf.as_deref());
@@ -198,6 +220,8 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
     )
     .unwrap_or_else(|e| fail(&format!("cannot start: {e}")));
     manager.hold_state_lock(lock);
+    // Read once this process is the pool's only manager: a predecessor saved them last.
+    manager.keep_books(&config.state_dir, &config.pool_name);
     server.add_service(background_service(
         "hand-over on upgrade",
         HandOver {
@@ -446,4 +470,14 @@ fn down(config: &Config, provider: Arc<dyn Provider>, yes: bool, conf: Option<&s
 fn fail(message: &str) -> ! {
     eprintln!("rstudio-pool: {message}");
     std::process::exit(2);
+}
+
+/// Says which lines of an input were skipped, and why (everything else was used).
+fn report_bad_lines(bad: &[String]) {
+    for line in bad {
+        eprintln!("skipped {line}");
+    }
+    if !bad.is_empty() {
+        eprintln!("{} line(s) skipped; every other line was used", bad.len());
+    }
 }

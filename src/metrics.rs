@@ -10,8 +10,8 @@
 
 use once_cell::sync::Lazy;
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The way a proxied request took through the edge.
@@ -49,6 +49,9 @@ pub const SECONDS_STATES: [&str; 5] = [
     "paused",
 ];
 
+/// The spans of the pool's books in the metrics.
+pub const LEDGER_SPANS: [&str; 2] = ["total", "today"];
+
 /// How `REQUEST_RSTUDIO` was served.
 pub const ASSIGNMENT_OUTCOMES: [&str; 6] = [
     "warm",
@@ -63,7 +66,7 @@ pub const ASSIGNMENT_OUTCOMES: [&str; 6] = [
 pub const LAUNCH_FAILURE_CAUSES: [&str; 3] = ["refused", "exited", "timeout"];
 
 /// Why an instance was terminated.
-pub const TERMINATION_REASONS: [&str; 7] = [
+pub const TERMINATION_REASONS: [&str; 8] = [
     "idle",
     "deleted",
     "admin",
@@ -71,6 +74,7 @@ pub const TERMINATION_REASONS: [&str; 7] = [
     "paused_expired",
     "orphan",
     "unrecordable",
+    "surplus",
 ];
 
 /// Why an instance was paused.
@@ -117,6 +121,13 @@ pub struct Metrics {
     pub provider_errors: IntCounterVec,
     pub provider_throttles: IntCounterVec,
     pub instance_seconds: CounterVec,
+    /// Money accrued by this process, by purpose and state (`hourly_cost` per purpose).
+    pub cost: CounterVec,
+    /// The pool's books, kept across restarts: money by purpose and span (`total` since the
+    /// books were opened, `today` since UTC midnight).
+    pub ledger_cost: GaugeVec,
+    /// The pool's books: instance-seconds by purpose, state and span.
+    pub ledger_seconds: GaugeVec,
 }
 
 /// The process's metrics.
@@ -182,6 +193,30 @@ impl Metrics {
         registry
             .register(Box::new(instance_seconds.clone()))
             .expect("one name");
+        let cost = CounterVec::new(
+            opts(
+                "cost_total",
+                "Money accrued by this process, by purpose and state (purposes.<name>.hourly_cost, paused_hourly_cost)",
+            ),
+            &["purpose", "state"],
+        )
+        .expect("a valid metric");
+        registry.register(Box::new(cost.clone())).expect("one name");
+        let float_gauges = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(opts(name, help), labels).expect("a valid metric");
+            registry.register(Box::new(g.clone())).expect("one name");
+            g
+        };
+        let ledger_cost = float_gauges(
+            "ledger_cost",
+            "The pool's books, kept across restarts: money by purpose and span (total: since the books were opened; today: since UTC midnight)",
+            &["purpose", "span"],
+        );
+        let ledger_seconds = float_gauges(
+            "ledger_instance_seconds",
+            "The pool's books, kept across restarts: instance-seconds by purpose, state and span",
+            &["purpose", "state", "span"],
+        );
         Self {
             instances: gauges(
                 "instances",
@@ -283,6 +318,9 @@ impl Metrics {
                 &["operation"],
             ),
             instance_seconds,
+            cost,
+            ledger_cost,
+            ledger_seconds,
             registry,
         }
     }
@@ -305,6 +343,14 @@ impl Metrics {
             }
             for state in SECONDS_STATES {
                 self.instance_seconds.with_label_values(&[purpose, state]);
+                self.cost.with_label_values(&[purpose, state]);
+                for span in LEDGER_SPANS {
+                    self.ledger_seconds
+                        .with_label_values(&[purpose, state, span]);
+                }
+            }
+            for span in LEDGER_SPANS {
+                self.ledger_cost.with_label_values(&[purpose, span]);
             }
             self.resumes.with_label_values(&[purpose]);
             self.assignment_seconds.with_label_values(&[purpose]);

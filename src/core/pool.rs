@@ -318,6 +318,24 @@ impl Pool {
         Ok(Grant::Launch(ticket))
     }
 
+    /// Sets how many free instances to keep (the warm policy's target of the moment), at
+    /// most the maximum.
+    pub fn set_min_free(&mut self, min_free: usize) {
+        self.limits.min_free = min_free.min(self.limits.max);
+    }
+
+    /// How many free instances the pool keeps now.
+    pub fn min_free(&self) -> usize {
+        self.limits.min_free
+    }
+
+    /// Warm instances beyond what the pool keeps free, which may be let go: ready and free
+    /// ones only (never one starting), the highest ids first (requests take the lowest).
+    pub fn surplus(&self) -> Vec<InstanceId> {
+        let excess = self.free().saturating_sub(self.limits.min_free);
+        self.free_ready.iter().rev().take(excess).cloned().collect()
+    }
+
     /// Launches to start so that free capacity reaches `min_free` without passing `max` (I4).
     pub fn top_up(&mut self) -> Vec<Ticket> {
         let mut tickets = Vec::new();
@@ -620,6 +638,29 @@ mod tests {
         p.mark_ready(&id(2)).unwrap();
         assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(2))));
         assert_eq!(p.request(&user(2)), Ok(Grant::Assigned(id(1))));
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_lower_target_makes_ready_free_instances_surplus_never_starting_or_assigned_ones() {
+        let mut p = pool(3, 5);
+        let tickets = p.top_up();
+        for (n, t) in tickets.iter().enumerate() {
+            p.launched(*t, id(n as u128 + 1), None).unwrap();
+        }
+        p.mark_ready(&id(1)).unwrap();
+        p.mark_ready(&id(2)).unwrap();
+        assert!(p.surplus().is_empty());
+        p.set_min_free(1);
+        // Three free (two ready, one starting) for a target of one: the two ready go, the
+        // highest id first.
+        assert_eq!(p.surplus(), vec![id(2), id(1)]);
+        assert_eq!(p.request(&user(1)), Ok(Grant::Assigned(id(1))));
+        assert_eq!(p.surplus(), vec![id(2)]);
+        // The target never passes the maximum.
+        p.set_min_free(9);
+        assert_eq!(p.min_free(), 5);
+        assert!(p.surplus().is_empty());
         p.check_invariants().unwrap();
     }
 

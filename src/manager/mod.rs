@@ -29,17 +29,20 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
 pub mod background;
+mod books;
+pub use books::policy_label;
 pub mod links;
 pub mod probe;
 
 use crate::audit::{self, Kind as Audit};
+use crate::clock::Clock;
 use crate::config::{OnIdle, Purpose};
 use crate::core::breaker::{AfterFailure, Breaker, BreakerSettings, Permit, Refusal};
 use crate::core::ids::{InstanceId, UserId};
 use crate::core::pool::{Adoption, Census, Grant, Phase, Pool, PoolError, Ticket};
 use crate::core::presence::{unknown_is_settled, Grace, Presence, Sighting};
+use crate::core::warm::WarmPolicy;
 use crate::metrics::metrics;
-use crate::provider::process::now_ms;
 use crate::provider::{
     Consistency, InstanceRecord, LaunchSpec, Provider, ProviderError, ProviderState,
     TAG_ASSIGNED_AT, TAG_LAST_ACTIVITY, TAG_STOPPED_AT, TAG_USER,
@@ -68,6 +71,15 @@ const READY_TIMES_KEPT: usize = 20;
 /// A user action this recent makes an assigned instance `assigned_active` in the
 /// instance-seconds; longer ago, `assigned_idle`.
 const ACTIVE_WINDOW_MS: u64 = 5 * 60 * 1000;
+
+/// How fast the arrival history forgets old weeks when the policy does not say (it is kept
+/// for every policy, so that switching to `forecast` starts from what was seen).
+const DEFAULT_ALPHA: f64 = 0.3;
+/// A free instance is let go as surplus only after it has been up this long: a target that
+/// dips for a round does not cost a boot.
+const SURPLUS_MIN_AGE_MS: u64 = 10 * 60 * 1000;
+/// The time to ready the `forecast` policy assumes before any start was measured.
+const ASSUMED_READY_MS: u64 = 120_000;
 
 /// Rounds of one request through the pool (a wait ends, the pool is asked again) at most.
 const REQUEST_ROUNDS: usize = 8;
@@ -131,6 +143,8 @@ pub enum End {
     Orphan,
     /// Its owner could not be recorded; nobody was told of it.
     Unrecordable,
+    /// Free and warm beyond what the warm policy keeps now.
+    Surplus,
 }
 
 impl End {
@@ -143,6 +157,7 @@ impl End {
             End::PausedExpired => "paused_expired",
             End::Orphan => "orphan",
             End::Unrecordable => "unrecordable",
+            End::Surplus => "surplus",
         }
     }
 
@@ -403,6 +418,13 @@ struct State {
     ready_times: HashMap<String, std::collections::VecDeque<u64>>,
     /// When instance-seconds were last accrued ([`PoolManager::accrue`]).
     accrued_at: u64,
+    /// The pool's books (what it cost), kept across restarts in `STATE_DIR/<pool>.books.json`.
+    ledger: crate::core::ledger::Ledger,
+    /// Arrivals per hour of the week, per purpose, for the `forecast` warm policy.
+    history: HashMap<String, crate::core::warm::History>,
+    /// What each instance was doing when the books were last saved by the previous process:
+    /// the time between that save and this process's first count is put on them.
+    restored: Option<Vec<(InstanceId, crate::core::ledger::Entry)>>,
 }
 
 impl State {
@@ -452,6 +474,10 @@ pub struct PoolManager {
     /// Set once a graceful upgrade began: the new process manages the pool from now on, and
     /// this one changes nothing (no assignment, no reconcile round).
     handing_over: std::sync::atomic::AtomicBool,
+    /// Where the time comes from: the wall clock, or the simulator's virtual one.
+    clock: Clock,
+    /// Where the books are saved, once [`Self::keep_books`] was called.
+    books: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 impl PoolManager {
@@ -461,6 +487,25 @@ impl PoolManager {
         links: UserLinks,
         ready_timeout: Duration,
         breaker: BreakerSettings,
+    ) -> Arc<Self> {
+        Self::with_clock(
+            provider,
+            purposes,
+            links,
+            ready_timeout,
+            breaker,
+            Clock::Wall,
+        )
+    }
+
+    /// A manager that reads the time from `clock` (the simulator's is virtual).
+    pub fn with_clock(
+        provider: Arc<dyn Provider>,
+        purposes: BTreeMap<String, Purpose>,
+        links: UserLinks,
+        ready_timeout: Duration,
+        breaker: BreakerSettings,
+        clock: Clock,
     ) -> Arc<Self> {
         let pools = purposes
             .iter()
@@ -507,6 +552,9 @@ impl PoolManager {
                 synced_at: 0,
                 ready_times: HashMap::new(),
                 accrued_at: 0,
+                ledger: crate::core::ledger::Ledger::default(),
+                history: HashMap::new(),
+                restored: None,
             }),
             changed: Notify::new(),
             recovered: watch::channel(false).0,
@@ -514,7 +562,14 @@ impl PoolManager {
             warmups: tokio::sync::Semaphore::new(WARMUPS_AT_ONCE),
             state_lock: std::sync::Mutex::new(None),
             handing_over: std::sync::atomic::AtomicBool::new(false),
+            clock,
+            books: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Milliseconds since the epoch, by the manager's clock.
+    pub fn now(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -580,7 +635,7 @@ impl PoolManager {
             // a restart, the tag read back may be older than the request that resumed it).
             let st = self.lock();
             if let Some(known) = st.known.get(&assignment.instance_id) {
-                known.activity.fetch_max(now_ms(), Ordering::Relaxed);
+                known.activity.fetch_max(self.now(), Ordering::Relaxed);
             }
         }
         let outcome = match &result {
@@ -686,16 +741,30 @@ impl PoolManager {
         if !settled && pool.holding(user).is_none() {
             return Ok((Wait::Settling, None));
         }
+        let arrival = pool.holding(user).is_none();
         let grant = pool.request(user)?;
+        if arrival {
+            // A user who needs an instance: what the forecast learns from.
+            let alpha = match &self.purposes[purpose].warm {
+                WarmPolicy::Forecast(f) => f.alpha,
+                _ => DEFAULT_ALPHA,
+            };
+            st.history
+                .entry(purpose.to_owned())
+                .or_default()
+                .record_arrival(self.now(), alpha);
+        }
         if let Grant::Launch(ticket) = grant {
             let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
-            match breaker.permit(now_ms(), true) {
+            match breaker.permit(self.now(), true) {
                 Ok(Permit::Probe) => info!("{purpose}: trying one launch after the pause"),
                 Ok(Permit::Launch) => {}
                 Err(refusal) => {
                     pool.launch_failed(ticket);
                     return Err(ManagerError::LaunchesPaused(paused_message(
-                        purpose, &refusal,
+                        purpose,
+                        &refusal,
+                        self.now(),
                     )));
                 }
             }
@@ -739,7 +808,7 @@ impl PoolManager {
     /// up only when the instance is gone, someone else ended it, or the provider refuses for
     /// good (then the instance is terminated: nobody was told of it).
     async fn record_owner(self: Arc<Self>, id: InstanceId, user: UserId) {
-        let assigned_at = now_ms();
+        let assigned_at = self.now();
         let tags = owner_tags(&user, assigned_at);
         let mut pause = Duration::from_millis(200);
         let outcome = loop {
@@ -834,7 +903,7 @@ impl PoolManager {
                         known.record.state = record.state;
                     }
                     known.fresh = true;
-                    known.starting_since = now_ms();
+                    known.starting_since = self.now();
                     known.stopped_at = None;
                 }
                 Ok(())
@@ -861,6 +930,7 @@ impl PoolManager {
     /// to, and then a resume waits for that stop, marked under the same lock so that no
     /// resume slips in between. Returns when it was paused, if it was.
     fn lock_pause(&self, id: &InstanceId, stopping: bool) -> Result<Option<u64>, PoolError> {
+        let now = self.now();
         let paused = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -874,7 +944,7 @@ impl PoolManager {
             if !pool.pause(id)? {
                 return Ok(None);
             }
-            let stopped_at = *known.stopped_at.get_or_insert_with(now_ms);
+            let stopped_at = *known.stopped_at.get_or_insert(now);
             if stopping {
                 st.pausing.insert(id.clone());
             }
@@ -939,7 +1009,7 @@ impl PoolManager {
             return true;
         }
         let launched = self.lock().known.get(id).map(|k| k.record.launched_at_ms);
-        launched.is_none_or(|at| now_ms().saturating_sub(at) >= self.grace.missing_ms)
+        launched.is_none_or(|at| self.now().saturating_sub(at) >= self.grace.missing_ms)
     }
 
     fn assignment(&self, id: &InstanceId, user: &UserId, purpose: &str) -> Assignment {
@@ -959,13 +1029,13 @@ impl PoolManager {
                 _ => "launching",
             },
             ready: phase == Some(Phase::Ready),
-            url: self.links.for_user(id, user, now_ms()),
+            url: self.links.for_user(id, user, self.now()),
         }
     }
 
     /// A link for `user` to open `id` (with a fresh token in token mode).
     pub fn user_link(&self, id: &InstanceId, user: &UserId) -> String {
-        self.links.for_user(id, user, now_ms())
+        self.links.for_user(id, user, self.now())
     }
 
     /// The workspace's address through the proxy, without credentials.
@@ -1020,7 +1090,7 @@ impl PoolManager {
     pub fn observe(&self) {
         self.accrue();
         let m = metrics();
-        let now = now_ms();
+        let now = self.now();
         let st = self.lock();
         for (purpose, pool) in &st.pools {
             let mut counts: HashMap<&str, i64> = HashMap::new();
@@ -1040,7 +1110,7 @@ impl PoolManager {
             let limits = self.purposes[purpose].limits;
             m.min_free
                 .with_label_values(&[purpose])
-                .set(limits.min_free as i64);
+                .set(pool.min_free() as i64);
             m.max.with_label_values(&[purpose]).set(limits.max as i64);
             let paused = st
                 .breakers
@@ -1051,57 +1121,13 @@ impl PoolManager {
                 .set(i64::from(paused));
         }
         m.recovered.set(i64::from(self.is_recovered()));
-    }
-
-    /// Adds the time since the last accrual to `rstudio_pool_instance_seconds_total`, per
-    /// purpose and state (an assigned instance is `assigned_active` when its user acted in
-    /// the last five minutes). Called every reconcile round and at every scrape, so the
-    /// counters are at most a round behind.
-    pub fn accrue(&self) {
-        let now = now_ms();
-        let mut add: Vec<(String, &'static str, f64)> = Vec::new();
-        {
-            let mut st = self.lock();
-            let since = std::mem::replace(&mut st.accrued_at, now);
-            if since == 0 || now <= since {
-                return;
-            }
-            let seconds = (now - since) as f64 / 1000.0;
-            for (purpose, pool) in &st.pools {
-                let mut counts: HashMap<&'static str, u32> = HashMap::new();
-                for (id, instance) in pool.instances() {
-                    let state = match instance.phase {
-                        Phase::Launching | Phase::Resuming => "launching",
-                        Phase::Paused => "paused",
-                        Phase::Terminating => continue,
-                        Phase::Ready if instance.owner.is_none() => "free",
-                        Phase::Ready => {
-                            let last = st.known.get(id).map_or(0, Known::last_action);
-                            if now.saturating_sub(last) <= ACTIVE_WINDOW_MS {
-                                "assigned_active"
-                            } else {
-                                "assigned_idle"
-                            }
-                        }
-                    };
-                    *counts.entry(state).or_default() += 1;
-                }
-                for (state, n) in counts {
-                    add.push((purpose.clone(), state, f64::from(n) * seconds));
-                }
-            }
-        }
-        let m = metrics();
-        for (purpose, state, seconds) in add {
-            m.instance_seconds
-                .with_label_values(&[&purpose, state])
-                .inc_by(seconds);
-        }
+        drop(st);
+        self.observe_books();
     }
 
     /// Every instance the pools hold, for the admin page: sorted by purpose, then id.
     pub fn instances(&self) -> Vec<InstanceSummary> {
-        let now = now_ms();
+        let now = self.now();
         let st = self.lock();
         let mut out = Vec::new();
         for (purpose, pool) in &st.pools {
@@ -1175,7 +1201,7 @@ impl PoolManager {
 
     /// Purposes whose launches are paused after failures, with why, in words.
     pub fn paused_launches(&self) -> BTreeMap<String, String> {
-        let now = now_ms();
+        let now = self.now();
         self.lock()
             .breakers
             .iter()
@@ -1184,7 +1210,7 @@ impl PoolManager {
                     Some(refusal @ Refusal::Paused { .. }) => Some(refusal),
                     _ => None,
                 }
-                .map(|r| (purpose.clone(), paused_message(purpose, &r)))
+                .map(|r| (purpose.clone(), paused_message(purpose, &r, now)))
             })
             .collect()
     }
@@ -1263,7 +1289,7 @@ impl PoolManager {
             let owner = st.owner(&purpose, id);
             if let Some(breaker) = st.breakers.get_mut(&purpose) {
                 // The short reason: the detail (a log's end) is logged once, below.
-                note_failure(breaker, &purpose, &reason);
+                note_failure(breaker, &purpose, &reason, self.now());
             }
             (owner, purpose)
         };
@@ -1412,7 +1438,7 @@ impl PoolManager {
     /// Forgets an instance we terminated, and remembers that we did.
     fn bury(&self, id: &InstanceId) {
         self.forget(id);
-        self.lock().tombstones.insert(id.clone(), now_ms());
+        self.lock().tombstones.insert(id.clone(), self.now());
     }
 
     fn forget(&self, id: &InstanceId) {
@@ -1449,7 +1475,7 @@ impl PoolManager {
             purpose: purpose.clone(),
             tags: owner
                 .as_ref()
-                .map(|user| owner_tags(user, now_ms()))
+                .map(|user| owner_tags(user, self.now()))
                 .unwrap_or_default(),
             client_token: token.clone(),
         };
@@ -1464,7 +1490,7 @@ impl PoolManager {
                         let instance = pool.instance(&id).cloned();
                         let mut known = Known::new(purpose.clone(), record);
                         if owner.is_some() && known.assigned_at.is_none() {
-                            known.assigned_at = Some(now_ms());
+                            known.assigned_at = Some(self.now());
                         }
                         known.fresh = true;
                         st.known.insert(id.clone(), known);
@@ -1496,7 +1522,7 @@ impl PoolManager {
                         Doubt {
                             purpose: purpose.clone(),
                             ticket,
-                            since_ms: now_ms(),
+                            since_ms: self.now(),
                         },
                     );
                 } else {
@@ -1517,7 +1543,7 @@ impl PoolManager {
                     .breakers
                     .get_mut(&purpose)
                     .expect("a breaker per purpose");
-                note_failure(breaker, &purpose, &e.to_string());
+                note_failure(breaker, &purpose, &e.to_string(), self.now());
                 Err(e.to_string())
             }
         };
@@ -1532,7 +1558,7 @@ impl PoolManager {
     /// Rebuilds the pools from the provider: adopts every instance of a known purpose (with
     /// the owner in its tags) and terminates what cannot be adopted (I5).
     pub async fn recover(&self) -> Result<(), ProviderError> {
-        let started = now_ms();
+        let started = self.now();
         let records = self.provider.list().await?;
         {
             let mut st = self.lock();
@@ -1564,7 +1590,7 @@ impl PoolManager {
         {
             let mut st = self.lock();
             let st = &mut *st;
-            let now = now_ms();
+            let now = self.now();
             st.tombstones
                 .retain(|_, at| now.saturating_sub(*at) < TOMBSTONE_MS);
             for record in records {
@@ -1657,7 +1683,7 @@ impl PoolManager {
         for id in doomed {
             match self.provider.terminate(&id).await {
                 Ok(()) | Err(ProviderError::NotFound(_)) => {
-                    self.lock().tombstones.insert(id, now_ms());
+                    self.lock().tombstones.insert(id, self.now());
                 }
                 Err(e) => error!("cannot terminate {id}: {e}"),
             }
@@ -1684,6 +1710,7 @@ impl PoolManager {
         self.reap_idle().await;
         self.top_up();
         self.accrue();
+        self.save_books();
     }
 
     /// Terminates assigned instances whose user has been idle longer than the purpose's
@@ -1691,7 +1718,7 @@ impl PoolManager {
     /// they never came), and saves the activity
     /// of the others in their tags now and then so that a restart keeps their deadlines.
     async fn reap_idle(&self) {
-        let now = now_ms();
+        let now = self.now();
         let mut idle = Vec::new();
         let mut to_save = Vec::new();
         {
@@ -1759,7 +1786,7 @@ impl PoolManager {
     /// Terminates paused instances past their purpose's lifetime, and the oldest of those
     /// over its cap of paused instances, saying whose they were.
     async fn end_old_paused(&self) {
-        let now = now_ms();
+        let now = self.now();
         let mut ends = Vec::new();
         {
             let st = self.lock();
@@ -1813,7 +1840,7 @@ impl PoolManager {
     /// Forgets instances the provider no longer has; adopts or terminates instances it has
     /// that the pool does not know; tries terminations again.
     async fn sync(&self) {
-        let started = now_ms();
+        let started = self.now();
         let records = match self.provider.list().await {
             Ok(r) => r,
             Err(e) => {
@@ -1914,7 +1941,7 @@ impl PoolManager {
         self.adopt_unknown(records, false).await;
         {
             let mut st = self.lock();
-            let now = now_ms();
+            let now = self.now();
             let unknown_ms = self.grace.unknown_ms;
             let expired: Vec<String> = st
                 .doubts
@@ -2018,8 +2045,9 @@ impl PoolManager {
             .map(|(id, address, purpose, launched_at)| async move {
                 let spec = &self.purposes[&purpose];
                 let path = spec.probe_path(id.as_str());
-                let ready = match &address {
-                    Some(a) => {
+                let ready = match (self.provider.answers(&id), &address) {
+                    (Some(answers), _) => answers,
+                    (None, Some(a)) => {
                         probe(
                             a,
                             &path,
@@ -2029,12 +2057,12 @@ impl PoolManager {
                         )
                         .await
                     }
-                    None => false,
+                    (None, None) => false,
                 };
                 (id, purpose, launched_at, ready)
             });
         let results = futures_util::future::join_all(probes).await;
-        let now = now_ms();
+        let now = self.now();
         for (id, purpose, launched_at, ready) in results {
             if ready {
                 let mut st = self.lock();
@@ -2101,8 +2129,9 @@ impl PoolManager {
     }
 
     fn top_up(self: &Arc<Self>) {
-        let now = now_ms();
+        let now = self.now();
         let mut launches = Vec::new();
+        let mut retired = Vec::new();
         {
             let mut st = self.lock();
             if !st.caught_up() {
@@ -2110,6 +2139,27 @@ impl PoolManager {
             }
             let st = &mut *st;
             for (purpose, pool) in st.pools.iter_mut() {
+                let target = self.warm_target(purpose, now, &mut st.history, &st.ready_times);
+                pool.set_min_free(target);
+                for id in pool.surplus() {
+                    let old_enough = st.known.get(&id).is_some_and(|k| {
+                        now.saturating_sub(k.starting_since) >= SURPLUS_MIN_AGE_MS
+                    });
+                    if old_enough && pool.release(&id).is_ok() {
+                        metrics()
+                            .terminations
+                            .with_label_values(&[purpose, End::Surplus.label()])
+                            .inc();
+                        audit::record(
+                            End::Surplus.audit(),
+                            None,
+                            Some(&id),
+                            Some(purpose),
+                            End::Surplus.label(),
+                        );
+                        retired.push(id);
+                    }
+                }
                 let breaker = st.breakers.get_mut(purpose).expect("a breaker per purpose");
                 for ticket in pool.top_up() {
                     match breaker.permit(now, false) {
@@ -2130,6 +2180,16 @@ impl PoolManager {
         }
         for (purpose, ticket) in launches {
             tokio::spawn(Arc::clone(self).launch(purpose, ticket, true));
+        }
+        for id in retired {
+            info!("{id} is free beyond the warm policy's target; terminating it");
+            self.upstreams.invalidate(&id);
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = this.end(&id).await {
+                    error!("cannot terminate surplus {id}: {e}");
+                }
+            });
         }
     }
 
@@ -2154,8 +2214,7 @@ impl PoolManager {
 
 /// Counts a failed start against a purpose's launches, and says so in the log when launching
 /// stops.
-fn note_failure(breaker: &mut Breaker, purpose: &str, reason: &str) {
-    let now = now_ms();
+fn note_failure(breaker: &mut Breaker, purpose: &str, reason: &str, now: u64) {
     match breaker.failed(now, reason) {
         AfterFailure::Opened { until_ms } => error!(
             "{purpose}: launches paused for {} s after failed starts in a row; last: {reason}",
@@ -2169,7 +2228,7 @@ fn note_failure(breaker: &mut Breaker, purpose: &str, reason: &str) {
 }
 
 /// Why launches of `purpose` are refused, in words for a caller.
-fn paused_message(purpose: &str, refusal: &Refusal) -> String {
+fn paused_message(purpose: &str, refusal: &Refusal, now: u64) -> String {
     match refusal {
         Refusal::Paused {
             until_ms,
@@ -2182,7 +2241,7 @@ fn paused_message(purpose: &str, refusal: &Refusal) -> String {
             } else {
                 format!(
                     "the pool tries again in {} s",
-                    until_ms.saturating_sub(now_ms()).div_ceil(1000)
+                    until_ms.saturating_sub(now).div_ceil(1000)
                 )
             };
             format!("launching `{purpose}` instances is paused after {failures} failed starts in a row (last: {reason}); {when}, on its own. Ask again later; an operator finds the cause in the pool's log")
@@ -2257,11 +2316,12 @@ mod tests {
         let message = paused_message(
             "rstudio",
             &Refusal::Paused {
-                until_ms: now_ms() + 30_000,
+                until_ms: 1_000_030_000,
                 failures: 3,
                 reason: "InvalidAMIID.NotFound".into(),
                 probing: false,
             },
+            1_000_000_000,
         );
         assert!(
             message.contains("paused after 3 failed starts"),

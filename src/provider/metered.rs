@@ -92,6 +92,10 @@ impl Provider for Metered {
         self.0.diagnose(id).await
     }
 
+    fn answers(&self, id: &InstanceId) -> Option<bool> {
+        self.0.answers(id)
+    }
+
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
         count("terminate", self.0.terminate(id).await)
     }

@@ -180,6 +180,14 @@ pub trait Provider: Send + Sync {
         None
     }
 
+    /// Whether the workspace of a running instance answers, for a provider that knows (the
+    /// simulator's, whose workspaces are not programs): `None` means ask the workspace with
+    /// the readiness probe.
+    fn answers(&self, id: &InstanceId) -> Option<bool> {
+        let _ = id;
+        None
+    }
+
     /// Stops an instance for good. Terminating an instance that is already gone succeeds, or
     /// answers [`ProviderError::NotFound`] on a provider whose listings lag (where it may mean
     /// that the instance is too new to be known yet).
