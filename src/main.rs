@@ -232,11 +232,14 @@ fn serve(cli: Cli, config: Config, server_conf: ServerConf, provider: Arc<dyn Pr
 
     let mut api = Service::new(
         "command API".to_owned(),
-        ApiServer::new(CommandApi::new(
-            Arc::clone(&manager),
-            config.api.token.clone(),
-            config.api.max_body_bytes,
-        )),
+        ApiServer::new(
+            CommandApi::new(
+                Arc::clone(&manager),
+                config.api.token.clone(),
+                config.api.max_body_bytes,
+            )
+            .with_currency(&config.currency),
+        ),
     );
     api.threads = Some(config.api.threads);
     // No read buffer in front of each connection: the API reads into its own (as the edge).

@@ -62,6 +62,32 @@ function render(state) {
     cell(row, p.max);
     cell(row, p.launchesPaused ? "paused: " + p.launchesPaused : "running", p.launchesPaused ? "error" : "");
   }
+  const money = (v) => v.toFixed(2) + " " + state.currency;
+  const costs = document.querySelector("#costs tbody");
+  costs.replaceChildren();
+  const users = document.querySelector("#user-costs tbody");
+  users.replaceChildren();
+  for (const [purpose, c] of Object.entries(state.costs)) {
+    const row = costs.insertRow();
+    cell(row, purpose);
+    cell(row, c.warmPolicy);
+    cell(row, c.keepFree);
+    cell(row, money(c.today.cost));
+    cell(row, money(c.today.byState.free.cost + c.today.byState.launching.cost));
+    cell(row, money(c.total.cost));
+    cell(row, c.total.instanceHours.toFixed(1));
+    document.getElementById("costs-since").textContent = "(books since " + c.since + ")";
+    document.getElementById("period").textContent = "(" + c.period + ")";
+    for (const [user, u] of Object.entries(c.users)) {
+      const r = users.insertRow();
+      cell(r, user);
+      cell(r, purpose);
+      cell(r, u.byState.assigned_active.hours.toFixed(1));
+      cell(r, u.byState.assigned_idle.hours.toFixed(1));
+      cell(r, u.byState.paused.hours.toFixed(1));
+      cell(r, money(u.cost));
+    }
+  }
   const instances = document.querySelector("#instances tbody");
   instances.replaceChildren();
   for (const i of state.instances) {

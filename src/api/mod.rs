@@ -49,6 +49,8 @@ pub struct CommandApi {
     token: Option<String>,
     max_body_bytes: usize,
     admin: Admin,
+    /// The currency of the costs (`pool.currency`), for the admin page.
+    currency: String,
 }
 
 /// What the route of a request reads of its head.
@@ -84,7 +86,14 @@ impl CommandApi {
             admin: Admin::new(token.clone()),
             token,
             max_body_bytes,
+            currency: "USD".into(),
         }
+    }
+
+    /// Names the currency of the purposes' `hourly_cost` on the admin page.
+    pub fn with_currency(mut self, currency: &str) -> Self {
+        self.currency = currency.to_owned();
+        self
     }
 
     /// Where a request goes, from its head alone: an answer at once, or a command (or admin
@@ -188,6 +197,8 @@ impl CommandApi {
             .collect();
         json!({
             "pools": pools,
+            "costs": self.manager.costs(),
+            "currency": self.currency,
             "instances": self.manager.instances(),
             "events": crate::audit::recent(50),
         })
@@ -354,9 +365,16 @@ impl CommandApi {
                 manager_error(ManagerError::Recovering)
             }
             Command::GetStatus { instance: None } => {
+                let mut pools = json!(self.manager.census());
+                // What each pool costs, beside its counts.
+                for (purpose, cost) in self.manager.costs() {
+                    if let Some(pool) = pools.get_mut(&purpose).and_then(Value::as_object_mut) {
+                        pool.insert("cost".into(), cost);
+                    }
+                }
                 let mut answer = json!({
                     "instances": self.manager.assigned(),
-                    "pools": self.manager.census(),
+                    "pools": pools,
                 });
                 let paused = self.manager.paused_launches();
                 if !paused.is_empty() {

@@ -344,11 +344,15 @@ fn tally_json(
         let a = states.get(&state).copied().unwrap_or_default();
         by_state.insert(
             state.label().into(),
-            json!({"hours": round(a.hours(), 4), "cost": round(a.cost, 4)}),
+            json!({
+                "seconds": round(a.seconds, 1),
+                "hours": round(a.hours(), 4),
+                "cost": round(a.cost, 6),
+            }),
         );
     }
     json!({
-        "cost": round(sum.cost, 4),
+        "cost": round(sum.cost, 6),
         "instanceHours": round(sum.hours(), 4),
         "instanceSeconds": round(sum.seconds, 1),
         "byState": by_state,

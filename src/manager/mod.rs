@@ -1154,11 +1154,15 @@ impl PoolManager {
         out
     }
 
-    /// Each purpose's minimum free and maximum.
+    /// Each purpose's free instances kept now (its warm policy's target) and maximum.
     pub fn limits(&self) -> BTreeMap<String, (usize, usize)> {
+        let st = self.lock();
         self.purposes
             .iter()
-            .map(|(name, p)| (name.clone(), (p.limits.min_free, p.limits.max)))
+            .map(|(name, p)| {
+                let min_free = st.pools.get(name).map_or(p.limits.min_free, Pool::min_free);
+                (name.clone(), (min_free, p.limits.max))
+            })
             .collect()
     }
 
