@@ -40,7 +40,7 @@ pub enum ConfigError {
         env: String,
         problem: String,
     },
-    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, auth, purposes, log) nor one of Pingora's server keys; fix the spelling or remove it")]
+    #[error("unknown top-level key `{0}`: it is neither one of ours (pool, provider, api, proxy, auth, purposes, log, simulate) nor one of Pingora's server keys; fix the spelling or remove it")]
     UnknownKey(String),
 }
 
@@ -647,7 +647,7 @@ fn check_top_level_keys(text: &str) -> Result<(), ConfigError> {
         let name = key.as_str().unwrap_or_default();
         let ours = matches!(
             name,
-            "pool" | "provider" | "api" | "proxy" | "auth" | "purposes" | "log"
+            "pool" | "provider" | "api" | "proxy" | "auth" | "purposes" | "log" | "simulate"
         );
         if !ours && !pingora_keys.contains_key(key) {
             return Err(ConfigError::UnknownKey(name.to_owned()));
@@ -1343,12 +1343,12 @@ fn warm_policy(
         }
         "forecast" => {
             stray(&schedule_fields, kind)?;
-            let miss = section.miss_probability.unwrap_or(0.05);
+            let miss = section.miss_probability.unwrap_or(0.02);
             if !(miss > 0.0 && miss < 1.0) {
                 return Err(invalid(
                     KEY,
                     None,
-                    format!("`miss_probability: {miss}` (purpose `{purpose}`) must be between 0 and 1 (exclusive): the accepted chance that a user finds no warm instance, e.g. 0.05"),
+                    format!("`miss_probability: {miss}` (purpose `{purpose}`) must be between 0 and 1 (exclusive): the accepted share of arrivals that find no warm instance, e.g. 0.02"),
                 ));
             }
             let alpha = section.learning_rate.unwrap_or(0.3);
@@ -1807,6 +1807,51 @@ mod tests {
                 &[],
                 "not a header name",
             ),
+            (
+                "pool:\n  warm_policy:\n    kind: elastic\n",
+                &[],
+                "use `fixed`",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: fixed\n    floor: 1\n",
+                &[],
+                "`floor` (purpose `rstudio`) is not a setting of the `fixed` policy",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: schedule\n",
+                &[],
+                "has no ranges: add e.g.",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: schedule\n    ranges: [{when: \"mon-fry 08:00-18:00\", min_free: 1}]\n",
+                &[],
+                "`fry` is not a day",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: schedule\n    ranges: [{when: \"mon-fri 08:00-18:00\", min_free: 99}]\n",
+                &[],
+                "above the maximum",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: forecast\n    miss_probability: 5\n",
+                &[],
+                "must be between 0 and 1",
+            ),
+            (
+                "pool:\n  warm_policy:\n    kind: forecast\n    floor: 4\n    max_free: 2\n",
+                &[],
+                "`floor: 4`",
+            ),
+            (
+                "purposes:\n  rstudio:\n    hourly_cost: -1\n",
+                &[],
+                "purposes.<name>.hourly_cost",
+            ),
+            (
+                "simulate:\n  ready_median_seconds: 100\n  ready_p95_seconds: 50\n",
+                &[],
+                "simulate.ready_median_seconds",
+            ),
         ];
         for (yaml, env, expected) in cases {
             let err = Config::from_yaml(yaml, &env_of(env))
@@ -1817,6 +1862,37 @@ mod tests {
                 "{yaml:?} {env:?}: `{err}` lacks `{expected}`"
             );
         }
+    }
+
+    #[test]
+    fn warm_policies_are_read_per_purpose() {
+        let yaml = "pool:\n  min_free_instances: 2\n  warm_policy:\n    kind: forecast\n    floor: 1\n\
+                    purposes:\n  rstudio: {}\n  night:\n    command: [x]\n    warm_policy:\n      kind: schedule\n      utc_offset_minutes: 60\n      ranges: [{when: \"sat-sun 10-12\", min_free: 1}]\n";
+        let config = Config::from_yaml(yaml, &env_of(&[])).unwrap();
+        match &config.purposes["rstudio"].warm {
+            WarmPolicy::Forecast(f) => {
+                assert_eq!((f.floor, f.fallback, f.miss_probability), (1, 2, 0.02));
+                assert_eq!(f.lead_ms, 15 * 60_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &config.purposes["night"].warm {
+            WarmPolicy::Schedule(s) => {
+                assert_eq!(
+                    (s.ranges.len(), s.otherwise, s.utc_offset_minutes),
+                    (1, 0, 60)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // The original: MIN_FREE_INSTANCES around the clock, nothing to pay unless priced.
+        let config = Config::from_yaml("", &env_of(&[("MIN_FREE_INSTANCES", "3")])).unwrap();
+        assert_eq!(
+            config.purposes["rstudio"].warm,
+            WarmPolicy::Fixed { min_free: 3 }
+        );
+        assert_eq!(config.purposes["rstudio"].rates, Rates::default());
+        assert_eq!(config.simulate.ready, PROCESS_READY);
     }
 
     #[test]

@@ -19,6 +19,7 @@ async fn an_operator_signs_in_watches_the_pool_and_terminates_from_the_page() {
     let server = Server::start(Options {
         min_free: 1,
         api_token: Some(token.into()),
+        extra_yaml: "purposes:\n  rstudio:\n    hourly_cost: 0.0912\n".into(),
         ..Options::default()
     })
     .await;
@@ -46,6 +47,12 @@ async fn an_operator_signs_in_watches_the_pool_and_terminates_from_the_page() {
     );
     let pools = browser.wait_for_text("#pools tbody", "rstudio", WAIT).await;
     assert!(pools.contains("running"), "{pools}");
+    // What the pool costs: its policy and money, and ana's share this month.
+    let costs = browser.wait_for_text("#costs tbody", "fixed", WAIT).await;
+    assert!(costs.contains("USD"), "{costs}");
+    browser
+        .wait_for_text("#user-costs tbody", "ana", WAIT)
+        .await;
     let cookie = browser
         .cookie("rstudio_pool_admin")
         .await

@@ -41,6 +41,8 @@ fn the_configuration_table_matches_the_code() {
     let mut code = BTreeSet::new();
     for (section, prefix) in [
         (vec!["pool"], "pool"),
+        (vec!["pool", "warm_policy"], "pool.warm_policy"),
+        (vec!["simulate"], "simulate"),
         (vec!["provider"], "provider"),
         (vec!["provider", "ec2"], "provider.ec2"),
         (vec!["api"], "api"),
@@ -51,7 +53,10 @@ fn the_configuration_table_matches_the_code() {
         (vec!["purposes", "rstudio"], "purposes.<name>"),
     ] {
         for key in expected_keys(&section) {
-            if (prefix == "provider" && key == "ec2") || (prefix == "proxy" && key == "tls") {
+            if (prefix == "provider" && key == "ec2")
+                || (prefix == "proxy" && key == "tls")
+                || (prefix == "pool" && key == "warm_policy")
+            {
                 continue;
             }
             code.insert(format!("{prefix}.{key}"));

@@ -14,8 +14,6 @@ pub const HOURS_PER_WEEK: usize = 168;
 pub const MAX_GAP_HOURS: u64 = 6;
 
 const HOUR_MS: u64 = 3_600_000;
-/// Above this mean, [`poisson_quantile`] returns a safe upper bound instead of an exact value.
-const MU_EXACT_MAX: f64 = 1e6;
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const USE_DAYS: &str = "use mon, tue, wed, thu, fri, sat or sun";
 const HH_MM: &str = "write HH:00 or HH, e.g. `08:00` or `8`";
@@ -182,15 +180,15 @@ fn parse_hour(time: &str) -> Result<u8, String> {
     Err(format!("`{time}`: {why}"))
 }
 
-/// Learns arrivals per hour of week and keeps enough free to cover them with a given chance.
+/// Learns arrivals per hour of week and keeps enough free that, over a week, at most a given
+/// share of users meet a cold start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forecast {
     /// Never keep fewer free than this (unless `max_free` or the pool's max is lower).
     pub floor: usize,
     /// Never keep more free than this (besides the pool's max).
     pub max_free: usize,
-    /// Accepted chance that more users arrive within one time-to-ready than are kept free
-    /// (e.g. 0.05).
+    /// The accepted share of a week's arrivals that find no free instance (e.g. 0.02).
     pub miss_probability: f64,
     /// How fast old weeks are forgotten: weight of the newest week in the average
     /// (0 < alpha <= 1), e.g. 0.3. Pass it to [`History::record_arrival`] and [`History::advance`].
@@ -289,10 +287,10 @@ pub struct Inputs {
 /// - Schedule: the largest `min_free` of the ranges containing any local hour that overlaps
 ///   the next `time_to_ready_ms`, else `otherwise`: a range starting within one time to ready
 ///   already counts, so instances are warm when it begins.
-/// - Forecast: over the UTC hours overlapping `[now, now + W + lead_ms]` with
-///   W = max(time to ready, 60 s), the [`poisson_quantile`] of the largest expected arrivals
-///   within W, or `fallback` if an hour was never observed and that is more; then clamped to
-///   `floor..=max_free` (where they conflict, `max_free` wins).
+/// - Forecast: the [`plan`] of the week for W = max(time to ready, 60 s), its largest value
+///   over the UTC hours overlapping `[now, now + W + lead_ms]` (or `fallback` for an hour
+///   never observed, if that is more), clamped to `floor..=max_free` (where they conflict,
+///   `max_free` wins).
 pub fn target(policy: &WarmPolicy, history: &History, inputs: Inputs) -> usize {
     let wanted = match policy {
         WarmPolicy::Fixed { min_free } => *min_free,
@@ -304,54 +302,63 @@ pub fn target(policy: &WarmPolicy, history: &History, inputs: Inputs) -> usize {
         }
         WarmPolicy::Forecast(f) => {
             let window = inputs.time_to_ready_ms.max(60_000);
-            let (mut mu, mut fallback) = (0.0f64, 0);
+            let plan = plan(history, window, f.miss_probability);
+            let mut wanted = 0;
             for how in bins(inputs.now_ms, window.saturating_add(f.lead_ms), 0) {
-                match history.rate(how) {
-                    Some(rate) => mu = mu.max(rate * window as f64 / HOUR_MS as f64),
-                    None => fallback = f.fallback,
-                }
+                wanted = wanted.max(plan[how].unwrap_or(f.fallback));
             }
             let high = f.max_free.min(inputs.max);
-            poisson_quantile(mu, f.miss_probability)
-                .max(fallback)
-                .clamp(f.floor.min(high), high)
+            wanted.clamp(f.floor.min(high), high)
         }
     };
     wanted.min(inputs.max)
 }
 
-/// The smallest `k` with P(Poisson(mu) > k) <= `miss_probability`: the free instances that
-/// cover arrivals averaging `mu` except with that chance. `mu` <= 0 or NaN gives 0, and so does
-/// `miss_probability` >= 1; `miss_probability` <= 0 or NaN means "practically never". Exact up
-/// to `mu` = 1e6; above, it returns the upper bound `mu + 40 * sqrt(mu) + 10`.
-pub fn poisson_quantile(mu: f64, miss_probability: f64) -> usize {
-    if mu.is_nan() || mu <= 0.0 || miss_probability >= 1.0 {
-        return 0;
+/// How many free instances to keep in each UTC hour of the week (`None`: never observed) so
+/// that at most `miss_probability` of the week's expected arrivals find none free, at the
+/// least cost in idle instance-hours.
+///
+/// An arrival in hour `b` (rate `r` an hour) finds none of `k` free instances when `k` others
+/// arrived in the `window_ms` before it (each takes one; a replacement is ready a window
+/// later): with Poisson arrivals, the others are Poisson with mean `mu = r * window / 1 h`,
+/// so the hour's expected misses are `r * P(N >= k)`. Each instance kept free in an hour
+/// costs one idle instance-hour and saves `r * P(N = k)` misses; the plan adds them where
+/// they save the most, until the week's misses are within `miss_probability` of its
+/// arrivals.
+pub fn plan(history: &History, window_ms: u64, miss_probability: f64) -> Vec<Option<usize>> {
+    let mut keep: Vec<Option<usize>> = (0..HOURS_PER_WEEK)
+        .map(|how| history.rate(how).map(|_| 0))
+        .collect();
+    let share = window_ms as f64 / HOUR_MS as f64;
+    let rates: Vec<f64> = (0..HOURS_PER_WEEK)
+        .map(|how| history.rate(how).unwrap_or(0.0))
+        .collect();
+    let arrivals: f64 = rates.iter().sum();
+    if arrivals.is_nan() || arrivals <= 0.0 || miss_probability.is_nan() {
+        return keep;
     }
-    let spread = 40.0 * mu.sqrt() + 10.0; // the mass beyond is far below 1e-300
-    let high = (mu + spread).ceil() as usize; // saturates for huge or infinite mu
-    if mu > MU_EXACT_MAX {
-        return high;
+    let budget = arrivals * miss_probability.clamp(0.0, 1.0);
+    // Per hour: the chance that exactly `keep` others arrived within the window, P(N = k).
+    let mut pmf: Vec<f64> = rates.iter().map(|r| (-r * share).exp()).collect();
+    let mut misses = arrivals;
+    // A handful of hundreds of steps for a team's week; bounded for any history.
+    for _ in 0..HOURS_PER_WEEK * 64 {
+        if misses <= budget {
+            break;
+        }
+        let best = (0..HOURS_PER_WEEK)
+            .filter(|&how| keep[how].is_some())
+            .map(|how| (how, rates[how] * pmf[how]))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let Some((how, saved)) = best.filter(|(_, saved)| *saved > 1e-12) else {
+            break;
+        };
+        let k = keep[how].map_or(0, |k| k + 1);
+        keep[how] = Some(k);
+        misses -= saved;
+        pmf[how] *= rates[how] * share / (k as f64);
     }
-    let low = (mu - spread).floor().max(0.0) as usize;
-    // ln of each term relative to the one at `low`: ln p(i) - ln p(i - 1) = ln(mu / i).
-    let mut terms = Vec::with_capacity(high - low + 1);
-    terms.push(0.0f64);
-    for i in low + 1..=high {
-        let previous = terms[terms.len() - 1];
-        terms.push(previous + (mu / i as f64).ln());
-    }
-    let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    // Turn each term into the tail after it, summed from the smallest terms up for accuracy.
-    let mut tail = 0.0;
-    for term in terms.iter_mut().rev() {
-        let p = (*term - top).exp();
-        *term = tail;
-        tail += p;
-    }
-    let total = tail;
-    let k = terms.iter().position(|t| t / total <= miss_probability);
-    k.map_or(high, |k| low + k)
+    keep
 }
 
 #[cfg(test)]
@@ -541,20 +548,6 @@ mod tests {
     }
 
     #[test]
-    fn poisson_quantile_matches_known_values() {
-        let known = [(1.0, 0.05, 3), (0.0, 0.05, 0), (10.0, 0.05, 15)];
-        let more = [(2.5, 0.05, 5), (0.5, 0.05, 2), (100.0, 0.01, 124)];
-        let odd = [(-1.0, 0.05, 0), (f64::NAN, 0.05, 0), (5.0, 1.0, 0)];
-        let big = [(1000.0, 0.05, 1052)];
-        for (mu, p, k) in known.into_iter().chain(more).chain(odd).chain(big) {
-            assert_eq!(poisson_quantile(mu, p), k, "mu {mu}, p {p}");
-        }
-        assert!(poisson_quantile(1.0, 0.0) > 10 && poisson_quantile(1.0, f64::NAN) > 10);
-        assert_eq!(poisson_quantile(f64::INFINITY, 0.05), usize::MAX);
-        assert!(poisson_quantile(1e7, 0.05) > 10_000_000);
-    }
-
-    #[test]
     fn forecast_without_history_keeps_the_fallback_clamped() {
         let at = |floor: usize, fallback: usize, max: usize| {
             let policy = WarmPolicy::Forecast(forecast(floor, 10, 0.05, fallback, 15 * MIN));
@@ -572,9 +565,54 @@ mod tests {
         let policy = WarmPolicy::Forecast(forecast(1, 20, 0.05, 0, 15 * MIN));
         let at = |now: u64| target(&policy, &h, inputs(now, 5 * MIN, 50));
         let (before_peak, sunday_night) = (at(MON + 8 * H + 55 * MIN), at(MON - 21 * H));
-        assert_eq!((before_peak, sunday_night), (5, 1)); // mu = 30 * 5 / 60 = 2.5
+        // mu = 30 * 5 / 60 = 2.5: 30 P(N >= 6) = 1.26 is the first within 5 % of 30.
+        assert_eq!((before_peak, sunday_night), (6, 1));
         assert!(before_peak > sunday_night);
         assert_eq!(at(MON + 8 * H), 1); // 08:00 + 20 min does not reach 09:00 yet
+    }
+
+    /// Expected misses of a week under a plan.
+    fn misses(h: &History, plan: &[Option<usize>], window_ms: u64) -> f64 {
+        (0..HOURS_PER_WEEK)
+            .map(|how| {
+                let r = h.rate(how).unwrap_or(0.0);
+                let mu = r * window_ms as f64 / H as f64;
+                let k = plan[how].unwrap_or(0);
+                let (mut p, mut below) = ((-mu).exp(), 0.0);
+                for i in 0..k {
+                    below += p;
+                    p *= mu / (i + 1) as f64;
+                }
+                r * (1.0 - below).max(0.0)
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_plan_keeps_misses_within_budget_and_spends_where_arrivals_are() {
+        let mut rates = [Some(0.0); HOURS_PER_WEEK];
+        for day in 0..5 {
+            for hour in 8..18 {
+                rates[day * 24 + hour] = Some(if hour == 9 { 12.0 } else { 3.0 });
+            }
+            rates[day * 24 + 2] = Some(0.05); // a rare night owl
+        }
+        rates[167] = None; // never seen
+        let h = history_from(&rates);
+        let arrivals: f64 = (0..HOURS_PER_WEEK).filter_map(|b| h.rate(b)).sum();
+        let plan = plan(&h, 90_000, 0.02);
+        assert!(misses(&h, &plan, 90_000) <= 0.02 * arrivals + 1e-9);
+        assert_eq!(plan[167], None);
+        // More at the peak than in the afternoon, none at night or on the weekend.
+        assert!(plan[9] > plan[14] && plan[14] >= Some(1), "{plan:?}");
+        assert_eq!((plan[2], plan[5 * 24 + 10]), (Some(0), Some(0)));
+        // Without one instance anywhere it keeps, the week misses more than allowed.
+        for how in (0..HOURS_PER_WEEK).filter(|&b| plan[b].unwrap_or(0) > 0) {
+            let mut fewer = plan.clone();
+            fewer[how] = fewer[how].map(|k| k - 1);
+            let over = misses(&h, &fewer, 90_000) - 0.02 * arrivals;
+            assert!(over > -0.5, "hour {how} was not needed ({over})");
+        }
     }
 
     fn arb_history() -> impl Strategy<Value = History> {
@@ -627,13 +665,22 @@ mod tests {
         }
 
         #[test]
-        fn forecast_rises_with_rates(
-            f in arb_forecast(), h in arb_history(), i in arb_inputs(), scale in 1.0f64..10.0,
+        fn the_plan_meets_its_budget(
+            rates in prop::collection::vec(prop::option::of(0.0f64..40.0), HOURS_PER_WEEK),
+            window in 60_000u64..600_000,
+            p in 0.001f64..1.0,
         ) {
-            let mut more = h.clone();
-            more.avg.iter_mut().for_each(|r| *r *= scale);
-            let policy = WarmPolicy::Forecast(f);
-            prop_assert!(target(&policy, &more, i) >= target(&policy, &h, i));
+            let h = history_from(&rates);
+            let plan = plan(&h, window, p);
+            let arrivals: f64 = (0..HOURS_PER_WEEK).filter_map(|b| h.rate(b)).sum();
+            prop_assert!(misses(&h, &plan, window) <= p * arrivals + 1e-6);
+            for how in 0..HOURS_PER_WEEK {
+                // Unseen hours are the fallback's; hours without arrivals keep nothing.
+                prop_assert_eq!(plan[how].is_some(), rates[how].is_some());
+                if rates[how] == Some(0.0) {
+                    prop_assert_eq!(plan[how], Some(0));
+                }
+            }
         }
 
         #[test]

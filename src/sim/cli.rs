@@ -147,7 +147,29 @@ pub fn simulate(config: &Config, args: &SimulateArgs) -> Result<(String, Vec<Str
             }
         );
     }
-    Ok((head + &table(&reports, &config.currency), skipped))
+    let mut out = head + &table(&reports, &config.currency);
+    for r in &reports {
+        let paused = r
+            .ledger
+            .total
+            .0
+            .keys()
+            .map(|p| r.ledger.total.get(p, Use::Paused))
+            .fold((0.0, 0.0), |(h, c), a| (h + a.hours(), c + a.cost));
+        if paused.0 > 0.0 {
+            // A month of 30.44 days over the measured span, per user of the trace.
+            let months = (r.to_ms - r.from_ms) as f64 / (30.44 * 86_400_000.0);
+            let _ = writeln!(
+                out,
+                "{}: paused volumes {:.1} instance-hours, {:.2} {} per user-month",
+                r.policy,
+                paused.0,
+                paused.1 / users(&sessions) as f64 / months,
+                config.currency
+            );
+        }
+    }
+    Ok((out, skipped))
 }
 
 fn users(sessions: &[Session]) -> usize {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use super::Decision;
 use crate::clock::Clock;
@@ -62,12 +62,10 @@ impl SimProvider {
     /// A time to ready drawn from `dist` (log-normal), ms.
     fn draw(&self, dist: ReadyDist) -> u64 {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        // The p95 of a log-normal is its median times exp(1.645 sigma).
         let sigma = (dist.p95_s / dist.median_s).ln() / 1.644_853_6;
-        // Box-Muller: a standard normal from two uniforms.
-        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-        let u2: f64 = rng.random();
-        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-        (dist.median_s * (sigma * z).exp() * 1000.0).round() as u64
+        let seconds = super::trace::sample_lognormal(&mut *rng, dist.median_s, sigma);
+        (seconds * 1000.0).round() as u64
     }
 
     /// The launches of the run, in order.

@@ -269,21 +269,15 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// The calendar date of a day number, as the parser's numbers.
+fn civil(days: i64) -> (i64, i64, i64) {
+    let (y, m, d) = crate::core::ledger::civil_from_days(days);
+    (y, i64::from(m), i64::from(d))
 }
 
 /// RFC 3339 UTC ("2026-11-30T09:02:00Z") of ms since the epoch, with ".fff" only when the milliseconds are non-zero. Years after 9999 get more digits, which `parse_time` rejects.
 pub fn format_time(ms: u64) -> String {
-    let (y, m, d) = civil_from_days((ms / DAY_MS) as i64);
+    let (y, m, d) = civil((ms / DAY_MS) as i64);
     let r = ms % DAY_MS;
     let (h, min, s) = (r / 3_600_000, r / 60_000 % 60, r / 1000 % 60);
     let frac = format!(".{:03}", r % 1000);
@@ -333,7 +327,7 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     let (y, mo, d) = (num(b, 0, 4), num(b, 5, 2), num(b, 8, 2));
     let (h, mi, sec) = (num(b, 11, 2), num(b, 14, 2), num(b, 17, 2));
     let days = days_from_civil(y, mo, d);
-    if !(1..=12).contains(&mo) || civil_from_days(days) != (y, mo, d) {
+    if !(1..=12).contains(&mo) || civil(days) != (y, mo, d) {
         return bad(&format!("{y:04}-{mo:02}-{d:02} does not exist"));
     }
     if h > 23 || mi > 59 || sec > 59 {
@@ -569,7 +563,7 @@ impl Synthetic {
 }
 
 /// Lognormal draw with the given median and sigma, from a Box-Muller normal.
-fn sample_lognormal<R: Rng>(rng: &mut R, median: f64, sigma: f64) -> f64 {
+pub fn sample_lognormal<R: Rng>(rng: &mut R, median: f64, sigma: f64) -> f64 {
     let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
     let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
     median * (sigma * z).exp()
