@@ -190,6 +190,8 @@ async fn the_simulator_and_the_server_make_the_same_decisions() {
         min_free: 1,
         max: 10,
         timeout_instance_ms: 4000,
+        // Audit events as JSON lines, to be turned into a trace at the end.
+        env: vec![("LOG_FORMAT".into(), "json".into())],
         ..Options::default()
     })
     .await;
@@ -334,6 +336,36 @@ async fn the_simulator_and_the_server_make_the_same_decisions() {
         launches_before, simulated_launches,
         "launches made before each step (and after the last): server vs simulator"
     );
+
+    // The server's audit log is a trace again: a session per assignment or resume (a
+    // request for one's own instance is not an event), for the same users.
+    let log = server.dir.join("server.log");
+    let (status, out) = server.run_cli(&[
+        "trace",
+        "from-audit",
+        log.to_str().unwrap(),
+        "--idle-timeout-ms",
+        "4000",
+    ]);
+    assert!(status.success(), "{out}");
+    let mut users: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["user"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut expected: Vec<String> = served
+        .iter()
+        .filter(|(_, how)| how != "own")
+        .map(|(user, _)| user.clone())
+        .collect();
+    users.sort();
+    expected.sort();
+    assert_eq!(users, expected, "{out}");
 }
 
 /// The launches the server has made (its provider's launch calls).

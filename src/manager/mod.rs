@@ -1498,6 +1498,20 @@ impl PoolManager {
                         }
                         known.fresh = true;
                         st.known.insert(id.clone(), known);
+                        // Launched for a user who found nothing free: theirs from its first
+                        // moment (the owner is in its launch tags), an assignment like any.
+                        if let Some(user) = owner
+                            .as_ref()
+                            .filter(|_| instance.as_ref().is_some_and(|i| i.recorded))
+                        {
+                            audit::record(
+                                Audit::Assign,
+                                Some(user),
+                                Some(&id),
+                                Some(&purpose),
+                                "launched",
+                            );
+                        }
                         // A user took over this launch while it ran: record them now.
                         if let Some(user) = instance.filter(|i| !i.recorded).and_then(|i| i.owner) {
                             st.recordings.insert(id.clone(), watch::channel(None).0);

@@ -123,7 +123,7 @@ pub fn simulate(config: &Config, args: &SimulateArgs) -> Result<(String, Vec<Str
         std::fs::write(path, out).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     let mut head = format!(
-        "{} sessions of {} users; time to ready {} (median {} s, p95 {} s), resume median {} s, p95 {} s; reconcile every {} ms; seed {}\n",
+        "{} sessions of {} users; time to ready {} (median {} s, p95 {} s), resume median {} s, p95 {} s; reconcile every {} ms; times to ready drawn with seed {}\n",
         sessions.len(),
         users(&sessions),
         config.simulate.source,

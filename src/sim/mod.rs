@@ -240,11 +240,9 @@ async fn replay(config: &Config, sessions: &[Session], options: &Options) -> Rep
         .map(|p| p.idle_timeout)
         .max()
         .unwrap_or_default();
-    sleep_until(
-        &manager,
-        last_end.max(manager.now()) + timeout.as_millis() as u64 + 60_000,
-    )
-    .await;
+    // To the end of that day (UTC), so that whole days are measured.
+    let settled = last_end.max(manager.now()) + timeout.as_millis() as u64 + 60_000;
+    sleep_until(&manager, settled.div_ceil(DAY_MS) * DAY_MS).await;
     manager.accrue();
     let _ = stop.send(true);
     let _ = looping.await;
