@@ -82,6 +82,14 @@ async fn the_books_survive_a_sigkill_within_one_round() {
         "alice's instance for {elapsed:.2} s should add as much, added {alice_gain:.2}"
     );
     assert_eq!(after["since"], before["since"], "the same books");
+    // The forecast's history (arrivals per hour of the week) came back with them: alice's
+    // arrival is in the hour being counted (or, past the hour, in its average).
+    let saved: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let history = &saved["history"]["rstudio"];
+    let folded = history["avg"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v.as_f64() > Some(0.0)));
+    assert!(history["count"].as_u64() >= Some(1) || folded, "{history}");
     // Money follows the seconds at the configured price.
     let total = &after["total"];
     let running: f64 = ["free", "launching", "assigned_active", "assigned_idle"]

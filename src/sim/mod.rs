@@ -222,31 +222,41 @@ async fn replay(config: &Config, sessions: &[Session], options: &Options) -> Rep
             .await;
         }));
     }
-    // Books of the measured span only.
-    {
+    // Books of the measured span only: from `measure_from` to the end of the day (UTC) of
+    // the last arrival, so that whole days are measured, the same for every policy.
+    let last_at = sessions.last().map_or(start_ms, |s| s.at_ms);
+    let measure_to = (last_at + 1)
+        .div_ceil(DAY_MS)
+        .max(measure_from / DAY_MS + 1)
+        * DAY_MS;
+    let books = {
         let manager = Arc::clone(&manager);
         tokio::spawn(async move {
             sleep_until(&manager, measure_from).await;
             manager.accrue();
             manager.open_books();
-        });
-    }
+            sleep_until(&manager, measure_to).await;
+            manager.accrue();
+            manager.ledger()
+        })
+    };
     for user in users {
         let _ = user.await;
     }
+    let ledger = books.await.unwrap_or_default();
     // Whatever is left runs down: idle instances are paused or ended by the pool itself.
     let timeout = purposes
         .values()
         .map(|p| p.idle_timeout)
         .max()
         .unwrap_or_default();
-    // To the end of that day (UTC), so that whole days are measured.
-    let settled = last_end.max(manager.now()) + timeout.as_millis() as u64 + 60_000;
-    sleep_until(&manager, settled.div_ceil(DAY_MS) * DAY_MS).await;
-    manager.accrue();
+    sleep_until(
+        &manager,
+        last_end.max(manager.now()) + timeout.as_millis() as u64 + 60_000,
+    )
+    .await;
     let _ = stop.send(true);
     let _ = looping.await;
-    let to_ms = manager.now();
     let mut decisions = provider.launches();
     decisions.extend(answers.lock().unwrap_or_else(|e| e.into_inner()).drain(..));
     decisions.sort_by_key(|d| match d {
@@ -264,7 +274,7 @@ async fn replay(config: &Config, sessions: &[Session], options: &Options) -> Rep
                 wait_ms,
                 how,
                 ..
-            } if *at_ms >= measure_from => {
+            } if (measure_from..measure_to).contains(at_ms) => {
                 waits_ms.push(*wait_ms);
                 *served
                     .entry(match how {
@@ -275,7 +285,9 @@ async fn replay(config: &Config, sessions: &[Session], options: &Options) -> Rep
                     })
                     .or_default() += 1;
             }
-            Decision::Refuse { at_ms, .. } if *at_ms >= measure_from => refused += 1,
+            Decision::Refuse { at_ms, .. } if (measure_from..measure_to).contains(at_ms) => {
+                refused += 1
+            }
             _ => {}
         }
     }
@@ -284,10 +296,10 @@ async fn replay(config: &Config, sessions: &[Session], options: &Options) -> Rep
         waits_ms,
         served,
         refused,
-        ledger: manager.ledger(),
+        ledger,
         decisions,
         from_ms: measure_from,
-        to_ms,
+        to_ms: measure_to,
     }
 }
 
