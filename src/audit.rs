@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::core::ids::{InstanceId, UserId};
+use crate::core::ledger::civil_from_days;
 
 /// How many events the admin page can show.
 pub const KEPT: usize = 200;
@@ -164,20 +165,6 @@ fn rfc3339_now() -> String {
         rem % 60,
         ms % 1000
     )
-}
-
-/// The calendar date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]

@@ -102,15 +102,7 @@ async fn the_books_survive_a_sigkill_within_one_round() {
         "{total}"
     );
     // The metrics show the same books.
-    let metrics = server
-        .client()
-        .get(format!("http://{}/metrics", server.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("rstudio_pool_ledger_cost{purpose=\"rstudio\",span=\"total\"}"))
@@ -378,15 +370,7 @@ async fn the_simulator_and_the_server_make_the_same_decisions() {
 
 /// The launches the server has made (its provider's launch calls).
 async fn launches(server: &Server) -> u64 {
-    let metrics = server
-        .client()
-        .get(format!("http://{}/metrics", server.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     metrics
         .lines()
         .find(|l| l.starts_with("rstudio_pool_provider_calls_total{operation=\"launch\"}"))

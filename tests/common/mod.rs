@@ -329,6 +329,15 @@ impl Server {
         (status, value)
     }
 
+    /// `GET /metrics` of the command API, as text.
+    pub async fn metrics(&self) -> String {
+        let mut request = self.client.get(format!("http://{}/metrics", self.api));
+        if let Some(token) = &self.options.api_token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().text().await.unwrap()
+    }
+
     /// `REQUEST_RSTUDIO` that must succeed; returns the instance id.
     pub async fn request(&self, user: &str) -> String {
         let (status, body) = self
