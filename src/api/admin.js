@@ -62,7 +62,8 @@ function render(state) {
     cell(row, p.max);
     cell(row, p.launchesPaused ? "paused: " + p.launchesPaused : "running", p.launchesPaused ? "error" : "");
   }
-  const money = (v) => v.toFixed(2) + " " + state.currency;
+  // Cents once there is a unit's worth; before that, enough digits to see it move.
+  const money = (v) => v.toFixed(v >= 1 ? 2 : 4) + " " + state.currency;
   const costs = document.querySelector("#costs tbody");
   costs.replaceChildren();
   const users = document.querySelector("#user-costs tbody");
