@@ -151,6 +151,7 @@ struct PoolSection {
     launch_pause_seconds: u64,
     warm_policy: WarmPolicySection,
     currency: String,
+    scale_down_after_seconds: u64,
 }
 
 impl Default for PoolSection {
@@ -165,6 +166,7 @@ impl Default for PoolSection {
             launch_pause_seconds: 60,
             warm_policy: WarmPolicySection::default(),
             currency: "USD".into(),
+            scale_down_after_seconds: 600,
         }
     }
 }
@@ -536,6 +538,9 @@ pub struct Purpose {
     pub warm: WarmPolicy,
     /// What its instances cost (`hourly_cost`, `paused_hourly_cost`).
     pub rates: Rates,
+    /// How long a free instance beyond the warm policy's target is kept before it is let go
+    /// (`pool.scale_down_after_seconds`).
+    pub scale_down_after: Duration,
 }
 
 /// What `rstudio-pool simulate` assumes of the provider (`simulate`): how long a start takes.
@@ -1087,6 +1092,7 @@ fn build(
                     .unwrap_or_else(|| "/dev/xvda".into()),
                 warm,
                 rates,
+                scale_down_after: Duration::from_secs(file.pool.scale_down_after_seconds),
             },
         );
     }

@@ -417,3 +417,56 @@ fn a_bad_trace_line_is_reported_with_its_number_and_the_rest_replays() {
     assert_eq!(requests, 4, "{stdout}");
     assert!(stdout.contains("4 sessions of 4 users"), "{stdout}");
 }
+
+/// A pool whose target drops (here `min_free_instances` lowered across a restart; a warm
+/// policy does it every evening) lets go of the free instances beyond it once they have been
+/// up `scale_down_after_seconds`, and never of one a user holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_instances_beyond_a_lowered_target_are_let_go_and_assigned_ones_kept() {
+    let mut server = Server::start(Options {
+        min_free: 3,
+        pool_yaml: "  scale_down_after_seconds: 1\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let alice = server.request("alice").await;
+    eventually(
+        "three free instances ready",
+        Duration::from_secs(30),
+        || async { (server.census("rstudio").await["freeReady"] == json!(3)).then_some(()) },
+    )
+    .await;
+    assert_eq!(server.workspaces().len(), 4);
+
+    let config = std::fs::read_to_string(&server.config).unwrap();
+    let lowered = config.replace("min_free_instances: 3", "min_free_instances: 1");
+    assert_ne!(config, lowered);
+    std::fs::write(&server.config, lowered).unwrap();
+    server.restart().await;
+
+    eventually(
+        "the two surplus workspaces ended",
+        Duration::from_secs(30),
+        || async {
+            let pool = server.census("rstudio").await;
+            (pool["freeReady"] == json!(1)
+                && pool["terminating"] == json!(0)
+                && server.workspaces().len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(server.request("alice").await, alice, "alice keeps hers");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics
+            .contains("rstudio_pool_terminations_total{purpose=\"rstudio\",reason=\"surplus\"} 2"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("terminations_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(server.census("rstudio").await["cost"]["keepFree"], json!(1));
+}

@@ -75,9 +75,6 @@ const ACTIVE_WINDOW_MS: u64 = 5 * 60 * 1000;
 /// How fast the arrival history forgets old weeks when the policy does not say (it is kept
 /// for every policy, so that switching to `forecast` starts from what was seen).
 const DEFAULT_ALPHA: f64 = 0.3;
-/// A free instance is let go as surplus only after it has been up this long: a target that
-/// dips for a round does not cost a boot.
-const SURPLUS_MIN_AGE_MS: u64 = 10 * 60 * 1000;
 /// The time to ready the `forecast` policy assumes before any start was measured.
 const ASSUMED_READY_MS: u64 = 120_000;
 
@@ -2160,9 +2157,13 @@ impl PoolManager {
                 let target = self.warm_target(purpose, now, &mut st.history, &st.ready_times);
                 pool.set_min_free(target);
                 for id in pool.surplus() {
-                    let old_enough = st.known.get(&id).is_some_and(|k| {
-                        now.saturating_sub(k.starting_since) >= SURPLUS_MIN_AGE_MS
-                    });
+                    // Only once it has been up a while: a target that dips for a round
+                    // does not cost a boot.
+                    let min_age = self.purposes[purpose].scale_down_after.as_millis() as u64;
+                    let old_enough = st
+                        .known
+                        .get(&id)
+                        .is_some_and(|k| now.saturating_sub(k.starting_since) >= min_age);
                     if old_enough && pool.release(&id).is_ok() {
                         metrics()
                             .terminations
