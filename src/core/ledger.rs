@@ -61,7 +61,8 @@ pub struct Rates {
 }
 
 impl Rates {
-    fn per_ms(self, state: Use) -> f64 {
+    /// What one instance in `state` costs a millisecond.
+    pub fn per_ms(self, state: Use) -> f64 {
         let hourly = if state.running() {
             self.hourly
         } else {
@@ -228,6 +229,17 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// RFC 3339 UTC ("2026-11-30T09:02:00Z") of ms since the epoch, with ".fff" only when the
+/// milliseconds are non-zero (the trace format's, and how the books say when they opened).
+pub fn format_time(ms: u64) -> String {
+    let (y, m, d) = civil_from_days((ms / DAY_MS) as i64);
+    let r = ms % DAY_MS;
+    let (h, min, s) = (r / 3_600_000, r / 60_000 % 60, r / 1000 % 60);
+    let frac = format!(".{:03}", r % 1000);
+    let frac = if r.is_multiple_of(1000) { "" } else { &frac };
+    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}{frac}Z")
 }
 
 /// `YYYY-MM` of a time in ms since the epoch (UTC).

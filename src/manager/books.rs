@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 
 use super::{Known, PoolManager, ACTIVE_WINDOW_MS, ASSUMED_READY_MS, DEFAULT_ALPHA};
 use crate::core::ids::InstanceId;
-use crate::core::ledger::{Entry, Ledger, Tally, Use};
+use crate::core::ledger::{format_time, Entry, Ledger, Tally, Use};
 use crate::core::pool::Phase;
 use crate::core::warm::{self, History, Inputs, WarmPolicy};
 use crate::metrics::metrics;
@@ -62,7 +62,7 @@ impl PoolManager {
                 Some(saved) => {
                     info!(
                         "the pool's books since {} are read back from {}",
-                        crate::sim::trace::format_time(saved.ledger.since_ms),
+                        format_time(saved.ledger.since_ms),
                         path.display()
                     );
                     st.ledger = saved.ledger;
@@ -93,7 +93,7 @@ impl PoolManager {
     }
 
     /// Saves the books, written beside and renamed so that a crash leaves the old or the new.
-    pub(super) fn save_books(&self) {
+    pub(super) async fn save_books(&self) {
         let Some(path) = self.books.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return;
         };
@@ -115,7 +115,15 @@ impl PoolManager {
             serde_json::to_vec(&saved)
         };
         let Ok(bytes) = bytes else { return };
-        if let Err(e) = write_beside(&path, &bytes) {
+        // Off the runtime's threads; awaited, so that two rounds never write at once.
+        let written = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || write_beside(&path, &bytes)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = written {
             warn!("cannot save the pool's books to {}: {e}", path.display());
         }
     }
@@ -195,22 +203,11 @@ impl PoolManager {
             let entries: Vec<Entry> = self.entries(st, now).into_iter().map(|(_, e)| e).collect();
             let from = st.ledger.counted_to_ms;
             st.ledger.accrue(now, &entries, &rates);
-            st.accrued_at = now;
             if now > from {
                 let ms = (now - from) as f64;
                 for e in &entries {
-                    let r = rates(&e.purpose);
-                    let hourly = if e.state.running() {
-                        r.hourly
-                    } else {
-                        r.paused_hourly
-                    };
-                    added.push((
-                        e.purpose.clone(),
-                        e.state,
-                        ms / 1000.0,
-                        ms * hourly / 3_600_000.0,
-                    ));
+                    let per_ms = rates(&e.purpose).per_ms(e.state);
+                    added.push((e.purpose.clone(), e.state, ms / 1000.0, ms * per_ms));
                 }
             }
             for (purpose, history) in st.history.iter_mut() {
@@ -304,7 +301,7 @@ impl PoolManager {
                     "keepFree": pool.min_free(),
                     "hourlyCost": self.purposes[purpose].rates.hourly,
                     "pausedHourlyCost": self.purposes[purpose].rates.paused_hourly,
-                    "since": crate::sim::trace::format_time(ledger.since_ms),
+                    "since": format_time(ledger.since_ms),
                     "total": span_json(&ledger.total, purpose),
                     "today": span_json(&ledger.today, purpose),
                     "period": ledger.period,

@@ -413,8 +413,6 @@ struct State {
     synced_at: u64,
     /// The last starts' times to ready (ms) per purpose, for the progress page.
     ready_times: HashMap<String, std::collections::VecDeque<u64>>,
-    /// When instance-seconds were last accrued ([`PoolManager::accrue`]).
-    accrued_at: u64,
     /// The pool's books (what it cost), kept across restarts in `STATE_DIR/<pool>.books.json`.
     ledger: crate::core::ledger::Ledger,
     /// Arrivals per hour of the week, per purpose, for the `forecast` warm policy.
@@ -548,7 +546,6 @@ impl PoolManager {
                 own_launches_from: u64::MAX,
                 synced_at: 0,
                 ready_times: HashMap::new(),
-                accrued_at: 0,
                 ledger: crate::core::ledger::Ledger::default(),
                 history: HashMap::new(),
                 restored: None,
@@ -1725,7 +1722,7 @@ impl PoolManager {
         self.reap_idle().await;
         self.top_up();
         self.accrue();
-        self.save_books();
+        self.save_books().await;
     }
 
     /// Terminates assigned instances whose user has been idle longer than the purpose's

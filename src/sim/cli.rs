@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::trace::{self, Session, Synthetic};
 use super::{Options, Report};
-use crate::config::{parse_warm_policy, Config, ReadyDist};
+use crate::config::{parse_warm_policy, Config};
 use crate::core::ledger::Use;
 use crate::core::warm::WarmPolicy;
 
@@ -312,9 +312,4 @@ pub fn trace_command(args: &TraceArgs) -> Result<(String, Vec<String>), String> 
             ))
         }
     }
-}
-
-/// The default time to ready for reports that name none.
-pub fn describe(dist: ReadyDist) -> String {
-    format!("median {} s, p95 {} s", dist.median_s, dist.p95_s)
 }

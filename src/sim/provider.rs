@@ -22,8 +22,6 @@ struct Sim {
     record: InstanceRecord,
     /// When its workspace answers (ms since the epoch).
     ready_at_ms: u64,
-    /// The n-th launch of the run.
-    n: u64,
 }
 
 #[derive(Default)]
@@ -118,7 +116,6 @@ impl Provider for SimProvider {
             Sim {
                 record: record.clone(),
                 ready_at_ms,
-                n,
             },
         );
         Ok(record)
@@ -173,9 +170,12 @@ impl Provider for SimProvider {
 
     fn answers(&self, id: &InstanceId) -> Option<bool> {
         let now = self.clock.now_ms();
-        Some(self.books().instances.get(id).is_some_and(|s| {
-            s.record.state == ProviderState::Running && now >= s.ready_at_ms && s.n > 0
-        }))
+        Some(
+            self.books()
+                .instances
+                .get(id)
+                .is_some_and(|s| s.record.state == ProviderState::Running && now >= s.ready_at_ms),
+        )
     }
 
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {

@@ -275,15 +275,7 @@ fn civil(days: i64) -> (i64, i64, i64) {
     (y, i64::from(m), i64::from(d))
 }
 
-/// RFC 3339 UTC ("2026-11-30T09:02:00Z") of ms since the epoch, with ".fff" only when the milliseconds are non-zero. Years after 9999 get more digits, which `parse_time` rejects.
-pub fn format_time(ms: u64) -> String {
-    let (y, m, d) = civil((ms / DAY_MS) as i64);
-    let r = ms % DAY_MS;
-    let (h, min, s) = (r / 3_600_000, r / 60_000 % 60, r / 1000 % 60);
-    let frac = format!(".{:03}", r % 1000);
-    let frac = if r.is_multiple_of(1000) { "" } else { &frac };
-    format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}{frac}Z")
-}
+pub use crate::core::ledger::format_time;
 
 /// Whether `b` has the shape of `template`: `0` a digit, `+` a sign, `T` a `T` or `t`, others themselves.
 fn fits(b: &[u8], template: &str) -> bool {
